@@ -1,0 +1,37 @@
+// The operator schemas of sparsevd, declared once. Kernels are registered per
+// device in csrc/cpu, csrc/cuda (C++) and sparsevd/dispatch.py (Python, Triton);
+// fake implementations and autograd formulas live in sparsevd/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(sparsevd, m) {
+  // Σ KL(q‖p) over all weights, a 0-dim float32 (float64 for float64 input).
+  m.def("kl_divergence(Tensor weight, Tensor log_sigma2, float log_alpha_min, "
+        "float log_alpha_max) -> Tensor");
+  // (∂/∂weight, ∂/∂log_sigma2) of grad · kl_divergence, in the parameters' dtype.
+  m.def("kl_divergence_backward(Tensor grad, Tensor weight, Tensor log_sigma2, "
+        "float log_alpha_min, float log_alpha_max) -> (Tensor, Tensor)");
+  // LRT linear on x [M, K]: returns (y, s), s = the [M, N] std kept for backward.
+  // The noise comes from `seed` (int64, 0-dim) and is regenerated, never stored.
+  m.def("lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, "
+        "Tensor seed) -> (Tensor, Tensor)");
+  // (∂x, ∂weight, ∂log_sigma2, ∂bias); entries not asked for in output_mask are empty.
+  m.def("lrt_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor log_sigma2, "
+        "Tensor std, Tensor seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The exact [M, N] float32 noise that lrt_linear(x, weight, ..., seed) used.
+  m.def("lrt_noise(Tensor x, Tensor weight, Tensor seed) -> Tensor");
+  // y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices.
+  m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+        "Tensor? bias) -> Tensor");
+}
+
+// The noise is a constant of the seed: nothing to differentiate.
+TORCH_LIBRARY_IMPL(sparsevd, Autograd, m) {
+  m.impl("lrt_noise", torch::CppFunction::makeFallthrough());
+}
+
+// `import sparsevd._C` loads the library above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,56 @@
+"""Builds the optional C++/CUDA extension `sparsevd._C`.
+
+SPARSEVD_BUILD=auto (default) builds a CUDAExtension when a CUDA toolkit and a CUDA
+build of torch are present, else a CppExtension; `cuda`, `cpu` or `none` force a
+choice. Without the extension the package runs on its pure-PyTorch reference path.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = ["sparsevd", "sparsevd.triton_kernels"]
+PACKAGE_DIR = {"sparsevd": "sparsevd", "sparsevd.triton_kernels": "triton_kernels"}
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extension():
+    mode = os.environ.get("SPARSEVD_BUILD", "auto").lower()
+    if mode not in ("auto", "cuda", "cpu", "none"):
+        raise SystemExit(f"SPARSEVD_BUILD must be auto, cuda, cpu or none, not {mode!r}")
+    if mode == "none":
+        return [], {}
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        # torch finds the toolkit through `which nvcc` before /usr/local/cuda; a wrapper
+        # script on PATH (as on our CI machines) would make it look in the wrong place.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    import torch
+    from torch.utils import cpp_extension
+
+    has_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if mode == "cuda" and not has_cuda:
+        raise SystemExit("SPARSEVD_BUILD=cuda needs a CUDA toolkit (CUDA_HOME) and a CUDA build of torch")
+    use_cuda = mode == "cuda" or (mode == "auto" and has_cuda)
+
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx = ["-O3"]  # the C++ standard comes from BuildExtension, matching the torch headers
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
+        ext = cpp_extension.CUDAExtension(
+            "sparsevd._C",
+            sources,
+            extra_compile_args={"cxx": cxx + ["-DSPARSEVD_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("sparsevd._C", sources, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension()
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,25 @@
+"""sparsevd: Sparse Variational Dropout for PyTorch.
+
+Swap ``nn.Linear`` for :class:`SparseVDLinear`, add ``kl_weight · kl_divergence(model) / N``
+to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
+"""
+
+from . import dispatch, functional, reference  # noqa: F401
+from .layers import SparseVDLinear, SparseVDModule
+from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseVDLinear",
+    "SparseVDModule",
+    "KLWarmup",
+    "SGVLBLoss",
+    "compression",
+    "kl_divergence",
+    "sgvlb",
+    "sparsevd_modules",
+    "functional",
+    "reference",
+    "dispatch",
+]

@@ -1,0 +1,197 @@
+"""Functional forms of the SparseVD ops: validate, reshape, hand to the dispatcher.
+
+These accept the shapes ``torch.nn.functional.linear`` accepts (``input`` of shape
+``[*, in_features]``) and raise errors that name the problem for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import dispatch, ops, reference  # noqa: F401  (ops registers fakes and autograd)
+
+__all__ = [
+    "masked_linear",
+    "lrt_linear", "lrt_noise", "kl_divergence", "csr_linear", "validate_csr", "log_alpha", "prune_mask"]
+
+log_alpha = reference.log_alpha
+prune_mask = reference.prune_mask
+
+
+def _check_tensor(name, t, op):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_same(op, reference_name, ref, **others):
+    for name, t in others.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {reference_name} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {reference_name} has dtype {ref.dtype}")
+
+
+def _check_params(op, weight, log_sigma2):
+    _check_tensor("weight", weight, op)
+    _check_tensor("log_sigma2", log_sigma2, op)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if log_sigma2.shape != weight.shape:
+        raise ValueError(
+            f"{op}: log_sigma2 must have the shape of weight {tuple(weight.shape)}, got {tuple(log_sigma2.shape)}"
+        )
+    _check_same(op, "weight", weight, log_sigma2=log_sigma2)
+
+
+def _check_input(op, input, in_features, weight, bias, out_features):
+    _check_tensor("input", input, op)
+    if input.dim() == 0 or input.shape[-1] != in_features:
+        raise ValueError(
+            f"{op}: expected input of shape [*, {in_features}] (in_features = {in_features}), "
+            f"got {tuple(input.shape)}"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, op)
+        if bias.shape != (out_features,):
+            raise ValueError(f"{op}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    _check_same(op, "weight", weight, input=input, bias=bias)
+
+
+def _check_range(op, log_alpha_range):
+    lo, hi = (float(v) for v in log_alpha_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"{op}: log_alpha_range must be two finite numbers lo < hi, got {log_alpha_range}")
+    return lo, hi
+
+
+def _as_seed(seed, generator):
+    if seed is None:
+        return dispatch.draw_seed(generator)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be a one-element int64 tensor or an int, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(()).cpu()
+    return torch.tensor(int(seed), dtype=torch.int64)
+
+
+def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=None):
+    """Sample the pre-activations of a SparseVD linear layer (local reparameterization).
+
+    y = x θᵀ + b + sqrt((x ⊙ x) exp(log σ²)ᵀ + 1e-8) ⊙ z with z ~ N(0, 1) of shape
+    ``[*, out_features]``. The noise is a function of ``seed`` (an int or int64
+    tensor), drawn from torch's CPU generator (or ``generator``) when not given, so
+    ``torch.manual_seed`` reproduces a run; :func:`lrt_noise` gives it back.
+    """
+    op = "lrt_linear"
+    _check_params(op, weight, log_sigma2)
+    _check_input(op, input, weight.shape[1], weight, bias, weight.shape[0])
+    seed = _as_seed(seed, generator)
+    x = input.reshape(-1, weight.shape[1])
+    if dispatch.use_ops():
+        y, _ = torch.ops.sparsevd.lrt_linear(x, weight, log_sigma2, bias, seed)
+    else:
+        noise = dispatch.noise_from_seed(x.shape[0], weight.shape[0], seed, x.device)
+        y = reference.lrt_linear(x, weight, log_sigma2, bias, noise.to(x.dtype))
+    return y.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def masked_linear(input, weight, mask, bias=None):
+    """The evaluation-mode SparseVD layer: y = x (θ ⊙ mask)ᵀ + b."""
+    _check_tensor("weight", weight, "masked_linear")
+    _check_input("masked_linear", input, weight.shape[-1], weight, bias, weight.shape[0])
+    return reference.masked_linear(input, weight, mask, bias)
+
+
+def lrt_noise(input, weight, seed):
+    """The float32 noise ``z`` that ``lrt_linear(input, weight, ..., seed=seed)`` used."""
+    _check_tensor("input", input, "lrt_noise")
+    seed = _as_seed(seed, None)
+    x = input.reshape(-1, weight.shape[1])
+    if dispatch.use_ops():
+        z = torch.ops.sparsevd.lrt_noise(x, weight, seed)
+    else:
+        z = dispatch.noise_from_seed(x.shape[0], weight.shape[0], seed, x.device)
+    return z.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE):
+    """Σ KL(q‖p) over the weights of one layer (float32, float64 for float64 weights)."""
+    op = "kl_divergence"
+    _check_tensor("weight", weight, op)
+    _check_tensor("log_sigma2", log_sigma2, op)
+    if log_sigma2.shape != weight.shape:
+        raise ValueError(
+            f"{op}: log_sigma2 must have the shape of weight {tuple(weight.shape)}, got {tuple(log_sigma2.shape)}"
+        )
+    _check_same(op, "weight", weight, log_sigma2=log_sigma2)
+    lo, hi = _check_range(op, log_alpha_range)
+    if dispatch.use_ops():
+        return torch.ops.sparsevd.kl_divergence(weight, log_sigma2, lo, hi)
+    return reference.kl_divergence(weight, log_sigma2, (lo, hi))
+
+
+def csr_linear(input, crow_indices, col_indices, values, bias=None):
+    """y = x W_csrᵀ + b, W [out_features, in_features] in CSR with int32 indices.
+
+    ``in_features`` is ``input.shape[-1]``; the CSR structure is assumed valid (see
+    :func:`validate_csr` for the one-time check).
+    """
+    op = "csr_linear"
+    _check_tensor("values", values, op)
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise TypeError(f"{op}: {name} must be a 1-D int32 tensor")
+        if t.device != values.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but values is on {values.device}")
+    if col_indices.shape != values.shape:
+        raise ValueError(f"{op}: col_indices and values must have the same length")
+    out_features = crow_indices.shape[0] - 1
+    if out_features < 0:
+        raise ValueError(f"{op}: crow_indices must have at least one element")
+    _check_input(op, input, input.shape[-1] if input.dim() else -1, values, bias, out_features)
+    x = input.reshape(-1, input.shape[-1])
+    if dispatch.use_ops():
+        y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
+    else:
+        y = reference.csr_linear(x, crow_indices, col_indices, values, bias)
+    return y.reshape(*input.shape[:-1], out_features)
+
+
+def validate_csr(crow_indices, col_indices, values, shape):
+    """Check a CSR matrix of the given ``(rows, cols)`` shape once, before it is used.
+
+    The kernels trust the structure (checking it per call would double the memory
+    traffic of a batch-1 product), so anything that builds or loads one calls this.
+    """
+    rows, cols = shape
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+            raise ValueError(f"CSR {name} must be a 1-D int32 tensor")
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or not values.is_floating_point():
+        raise ValueError("CSR values must be a 1-D floating-point tensor")
+    if not (crow_indices.device == col_indices.device == values.device):
+        raise ValueError("CSR crow_indices, col_indices and values must be on one device")
+    if crow_indices.numel() != rows + 1:
+        raise ValueError(f"CSR crow_indices must have rows + 1 = {rows + 1} entries, got {crow_indices.numel()}")
+    nnz = col_indices.numel()
+    if values.numel() != nnz:
+        raise ValueError(f"CSR values ({values.numel()}) and col_indices ({nnz}) differ in length")
+    if int(crow_indices[0]) != 0 or int(crow_indices[-1]) != nnz:
+        raise ValueError(f"CSR crow_indices must start at 0 and end at nnz = {nnz}")
+    if rows and bool((crow_indices[1:] < crow_indices[:-1]).any()):
+        raise ValueError("CSR crow_indices must be non-decreasing")
+    if nnz:
+        if bool((col_indices < 0).any()) or bool((col_indices >= cols).any()):
+            raise ValueError(f"CSR col_indices out of range [0, {cols})")
+        starts = torch.zeros(nnz, dtype=torch.bool, device=col_indices.device)
+        starts[crow_indices[:-1][crow_indices[:-1] < nnz].long()] = True
+        if bool(((col_indices[1:] <= col_indices[:-1]) & ~starts[1:]).any()):
+            raise ValueError("CSR col_indices must be strictly increasing within each row")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("CSR values contain NaN or Inf")

@@ -1,0 +1,107 @@
+"""Fake (meta) implementations and autograd formulas of the ``torch.ops.sparsevd`` ops.
+
+The schemas are declared in csrc/ops.cpp; the kernels per device are chosen in
+:mod:`sparsevd.dispatch`. Registering fakes and autograd here makes the ops work under
+``torch.compile(fullgraph=True)`` and pass ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+
+if dispatch.HAS_EXTENSION:
+    ops = torch.ops.sparsevd
+
+    def _kl_dtype(weight):
+        return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("sparsevd::kl_divergence")
+    def _(weight, log_sigma2, log_alpha_min, log_alpha_max):
+        return weight.new_empty((), dtype=_kl_dtype(weight))
+
+    @torch.library.register_fake("sparsevd::kl_divergence_backward")
+    def _(grad, weight, log_sigma2, log_alpha_min, log_alpha_max):
+        return torch.empty_like(weight), torch.empty_like(log_sigma2)
+
+    def _kl_setup(ctx, inputs, output):
+        weight, log_sigma2, lo, hi = inputs
+        ctx.save_for_backward(weight, log_sigma2)
+        ctx.log_alpha_range = (lo, hi)
+
+    def _kl_backward(ctx, grad):
+        weight, log_sigma2 = ctx.saved_tensors
+        dw, ds = ops.kl_divergence_backward(grad, weight, log_sigma2, *ctx.log_alpha_range)
+        return dw, ds, None, None
+
+    torch.library.register_autograd("sparsevd::kl_divergence", _kl_backward, setup_context=_kl_setup)
+
+    @torch.library.register_fake("sparsevd::lrt_linear")
+    def _(x, weight, log_sigma2, bias, seed):
+        shape = (x.shape[0], weight.shape[0])
+        return x.new_empty(shape), x.new_empty(shape)
+
+    @torch.library.register_fake("sparsevd::lrt_linear_backward")
+    def _(grad, x, weight, log_sigma2, std, seed, output_mask):
+        like = (x, weight, log_sigma2, grad.new_empty(grad.shape[1]))
+        return tuple(
+            torch.empty_like(t) if need else grad.new_empty(0) for t, need in zip(like, output_mask)
+        )
+
+    @torch.library.register_fake("sparsevd::lrt_noise")
+    def _(x, weight, seed):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=torch.float32)
+
+    def _lrt_setup(ctx, inputs, output):
+        x, weight, log_sigma2, bias, seed = inputs
+        _, std = output
+        ctx.mark_non_differentiable(std)
+        ctx.has_bias = bias is not None
+        # Saved: x, the parameters and one [M, N] tensor; the noise is regenerated.
+        ctx.save_for_backward(x, weight, log_sigma2, std, seed)
+
+    def _lrt_backward(ctx, grad, _grad_std):
+        x, weight, log_sigma2, std, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], ctx.has_bias and need[3]]
+        dx, dw, ds, db = ops.lrt_linear_backward(grad.contiguous(), x, weight, log_sigma2, std, seed, mask)
+        return (
+            dx if mask[0] else None,
+            dw if mask[1] else None,
+            ds if mask[2] else None,
+            db if mask[3] else None,
+            None,
+        )
+
+    torch.library.register_autograd("sparsevd::lrt_linear", _lrt_backward, setup_context=_lrt_setup)
+
+    @torch.library.register_fake("sparsevd::csr_linear")
+    def _(x, crow_indices, col_indices, values, bias):
+        return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
+
+    def _csr_setup(ctx, inputs, output):
+        x, crow_indices, col_indices, values, bias = inputs
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, crow_indices, col_indices, values)
+
+    def _csr_backward(ctx, grad):
+        # Training through a CSR layer is rare (fine-tuning the surviving weights):
+        # dense formulas are simple and correct, speed is the forward's business.
+        x, crow_indices, col_indices, values = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = None
+        if need[0]:
+            from .reference import csr_to_dense
+
+            dx = grad @ csr_to_dense(crow_indices, col_indices, values, x.shape[1])
+        dvalues = None
+        if need[3]:
+            rows = torch.repeat_interleave(
+                torch.arange(grad.shape[1], device=grad.device), (crow_indices[1:] - crow_indices[:-1]).long()
+            )
+            dvalues = (grad.t() @ x)[rows, col_indices.long()]
+        db = grad.sum(0) if ctx.has_bias and need[4] else None
+        return dx, None, None, dvalues, db
+
+    torch.library.register_autograd("sparsevd::csr_linear", _csr_backward, setup_context=_csr_setup)

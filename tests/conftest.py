@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors in the interpreter; it must be chosen before
+# triton is imported, and only where there is no GPU to run them for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def rel_err(out, ref):
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_fa(out, ref64, same_dtype, atol=1e-6, factor=2.0):
+    """flash-attention's rule: |out − ref64| ≤ factor·|same_dtype_torch − ref64| + atol."""
+    err = (out.double() - ref64).abs().max().item()
+    base = (same_dtype.double() - ref64).abs().max().item()
+    assert err <= factor * base + atol, f"kernel error {err:.3e} vs same-dtype torch error {base:.3e}"

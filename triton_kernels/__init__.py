@@ -1,0 +1,8 @@
+"""Fused Triton kernels of sparsevd (installed as ``sparsevd.triton_kernels``).
+
+- :mod:`.lrt`: the local-reparameterization linear layer (forward, backward, noise).
+- :mod:`.kl`: the summed KL term of Sparse Variational Dropout and its gradients.
+
+The launchers take plain tensors and return plain tensors; dispatch, autograd and
+torch.library registration live in the ``sparsevd`` package.
+"""
