@@ -6,12 +6,20 @@ to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
 
 from . import dispatch, functional, reference  # noqa: F401
 from .layers import SparseVDLinear, SparseVDModule
+from .report import Report, report
+from .sparse import SparseLinear
+from .sparsify import CostModel, sparsify
 from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseVDLinear",
+    "SparseLinear",
+    "sparsify",
+    "CostModel",
+    "report",
+    "Report",
     "SparseVDModule",
     "KLWarmup",
     "SGVLBLoss",

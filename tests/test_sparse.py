@@ -1,0 +1,166 @@
+"""SparseLinear, sparsify() and report(): exactness, state files, dead units, errors."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsevd
+from sparsevd.sparse import dense_to_csr
+
+
+def _trained_like(model, seed=0, dead_rows=(), dead_cols=()):
+    """Give every SparseVD layer a random, partly pruned posterior."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sparsevd.sparsevd_modules(model):
+            layer.log_sigma2.copy_(torch.randn(layer.weight.shape, generator=g) * 3 - 2)
+    return model
+
+
+def _mlp():
+    return nn.Sequential(
+        sparsevd.SparseVDLinear(23, 31), nn.ReLU(), sparsevd.SparseVDLinear(31, 17), nn.Tanh(),
+        sparsevd.SparseVDLinear(17, 5),
+    )
+
+
+def test_dense_to_csr_round_trip():
+    w = torch.randn(7, 9) * (torch.rand(7, 9) < 0.3)
+    w[3] = 0
+    crow, col, val = dense_to_csr(w)
+    assert crow.dtype == col.dtype == torch.int32
+    layer = sparsevd.SparseLinear(9, 7, crow, col, val)
+    assert torch.equal(layer.to_dense(), w)
+    with pytest.raises(ValueError, match="NaN"):
+        dense_to_csr(torch.full((2, 2), float("nan")))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(9,), (4, 9), (2, 3, 9)])
+def test_sparse_linear_matches_dense(bias, shape):
+    w = torch.randn(7, 9) * (torch.rand(7, 9) < 0.4)
+    b = torch.randn(7) if bias else None
+    layer = sparsevd.SparseLinear.from_dense(w, b)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\[\*, 9\]"):
+        layer(torch.randn(3, 8))
+
+
+def test_sparse_linear_from_sparsevd_matches_eval():
+    layer = _trained_like(sparsevd.SparseVDLinear(12, 6)).eval()
+    sparse = sparsevd.SparseLinear.from_sparsevd(layer)
+    assert sparse.nnz == layer.kept_weights()
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(sparse(x), layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_linear_state_dict_round_trip_and_corruption():
+    w = torch.randn(7, 9) * (torch.rand(7, 9) < 0.4)
+    layer = sparsevd.SparseLinear.from_dense(w, torch.randn(7))
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    other = sparsevd.SparseLinear.from_dense(torch.eye(7, 9), torch.zeros(7))  # different nnz
+    other.load_state_dict(state)
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(other(x), layer(x))
+
+    bad = dict(state)
+    bad["col_indices"] = bad["col_indices"].clone()
+    bad["col_indices"][0] = 99
+    with pytest.raises(RuntimeError, match="corrupt CSR weight: .*out of range"):
+        other.load_state_dict(bad)
+    bad = dict(state)
+    bad["crow_indices"] = bad["crow_indices"][:-1]
+    with pytest.raises(RuntimeError, match="corrupt CSR weight"):
+        other.load_state_dict(bad)
+    bad = dict(state)
+    bad["values"] = bad["values"].clone()
+    bad["values"][0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        other.load_state_dict(bad)
+    old = dict(state, format_version=torch.tensor(0, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="format version 0"):
+        other.load_state_dict(old)
+    with pytest.raises(RuntimeError, match="format version None"):
+        other.load_state_dict({k: v for k, v in state.items() if k != "format_version"})
+    # nothing was half-loaded by the failed attempts
+    torch.testing.assert_close(other(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.tensor([0, 1], dtype=torch.int64), torch.tensor([0], dtype=torch.int32), torch.ones(1)), "int32"),
+        ((torch.tensor([0, 2], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32), torch.ones(2)), "increasing"),
+        ((torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.ones(2)), "end at nnz"),
+        ((torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), torch.ones(2)), "rows \\+ 1"),
+        ((torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5], dtype=torch.int32), torch.ones(1)), "out of range"),
+        ((torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32), torch.ones(2)), "differ in length"),
+    ],
+)
+def test_bad_csr_is_rejected(args, message):
+    with pytest.raises(ValueError, match=message):
+        sparsevd.SparseLinear(3, 1, *args)
+
+
+@pytest.mark.parametrize("batch_size", [1, 256])
+def test_sparsify_matches_eval_model(batch_size):
+    torch.manual_seed(0)
+    model = _trained_like(_mlp()).eval()
+    with torch.no_grad():
+        model[0].log_sigma2[:6] = 10  # six dead output units: folded into layer 2's bias
+        model[2].log_sigma2[:, 20:] = 10  # eleven inputs of layer 2 unused: cut from layer 0
+    fast = sparsevd.sparsify(model, batch_size=batch_size)
+    x = torch.randn(11, 23)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    first = fast[0]
+    assert first.out_features <= 31 - 6 - 11 + 6  # at least the dead and the unused units are gone
+    assert model[0].weight.shape == (31, 23), "sparsify must not change the model it was given"
+    assert not any(isinstance(m, sparsevd.SparseVDLinear) for m in fast.modules())
+
+
+def test_sparsify_chooses_csr_for_very_sparse_layers_at_batch_1():
+    model = nn.Sequential(sparsevd.SparseVDLinear(512, 512)).eval()
+    with torch.no_grad():
+        model[0].log_sigma2.fill_(10)
+        model[0].log_sigma2.view(-1)[::97] = -20  # ~1% kept
+    fast = sparsevd.sparsify(model, batch_size=1)
+    assert isinstance(fast[0], sparsevd.SparseLinear)
+    dense = nn.Sequential(sparsevd.SparseVDLinear(64, 64)).eval()  # nothing pruned
+    assert isinstance(sparsevd.sparsify(dense)[0], nn.Linear)
+
+
+def test_sparsify_whole_layer_dead():
+    model = _trained_like(_mlp()).eval()
+    with torch.no_grad():
+        model[2].log_sigma2.fill_(10)
+    fast = sparsevd.sparsify(model)
+    x = torch.randn(4, 23)
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sparsify_rejects_bad_batch():
+    with pytest.raises(ValueError, match="batch_size"):
+        sparsevd.sparsify(_mlp(), batch_size=0)
+
+
+def test_report_rows_and_totals():
+    model = _trained_like(_mlp())
+    rep = sparsevd.report(model)
+    assert [r["layer"] for r in rep.rows] == ["0", "2", "4"]
+    first = rep.rows[0]
+    assert first["total"] == 31 * 23 and first["kept"] == model[0].kept_weights()
+    assert first["flops_dense"] == 2 * 31 * 23 and first["bytes_dense"] == 4 * 31 * 23
+    assert first["bytes_sparse"] == first["kept"] * 8 + 32 * 4
+    assert rep.total["kept"] == sum(r["kept"] for r in rep.rows)
+    text = str(rep)
+    assert "SparseVDLinear" in text and "total" in text
+    after = sparsevd.report(sparsevd.sparsify(model))
+    assert after.total["kept"] <= rep.total["kept"]
+    with pytest.raises(ValueError, match="no linear layers"):
+        sparsevd.report(nn.ReLU())
