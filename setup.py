@@ -7,6 +7,7 @@ choice. Without the extension the package runs on its pure-PyTorch reference pat
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -39,6 +40,12 @@ def _extension():
 
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx = ["-O3"]  # the C++ standard comes from BuildExtension, matching the torch headers
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is header-only: without OpenMP here it silently runs on one
+        # thread. torch's own libgomp is reused, so torch.set_num_threads still applies.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/*.cu")
@@ -46,9 +53,10 @@ def _extension():
             "sparsevd._C",
             sources,
             extra_compile_args={"cxx": cxx + ["-DSPARSEVD_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
         )
     else:
-        ext = cpp_extension.CppExtension("sparsevd._C", sources, extra_compile_args={"cxx": cxx})
+        ext = cpp_extension.CppExtension("sparsevd._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
