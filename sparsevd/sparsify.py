@@ -32,28 +32,35 @@ class DeviceCost:
 
     dense_overhead_s: float
     dense_bandwidth: float  # bytes/s streaming the dense weight
-    dense_rate: float  # flop/s of the dense GEMM
+    dense_rate_fp32: float  # flop/s of a strict-fp32 GEMM
+    dense_rate_fast: float  # flop/s of a 16-bit (or TF32) GEMM
     csr_overhead_s: float
     csr_bandwidth: float  # bytes/s streaming values + indices
     csr_rate: float  # useful flop/s of the SpMM
 
 
+# Fitted to 4096x4096 at 98% sparsity, batch 1-4096 (the cases that decide the choice):
+# CPU: this project's 2-core AMD EPYC CI machine, 2 threads; GPU: H100 80GB, torch 2.11.
+# Both sets of measurements are in bench/results/.
+CPU_COST = DeviceCost(3e-6, 21e9, 150e9, 150e9, 4e-6, 30e9, 42e9)
+CUDA_COST = DeviceCost(6e-6, 2.4e12, 50e12, 420e12, 3e-6, 0.8e12, 3.5e12)
+
+
 @dataclass(frozen=True)
 class CostModel:
-    """Predicts dense vs CSR time of a linear layer per device type.
+    """Predicts dense vs CSR time of a linear layer on a device type; pass your own
+    :class:`DeviceCost` values to ``sparsify`` for other machines."""
 
-    The constants are fitted to bench/bench_csr.py results (bench/results/); pass your
-    own to ``sparsify`` for other machines.
-    """
-
-    cpu: DeviceCost = DeviceCost(2e-6, 8e9, 60e9, 2e-6, 6e9, 8e9)
-    cuda: DeviceCost = DeviceCost(6e-6, 2.5e12, 300e12, 6e-6, 1.2e12, 8e12)
+    cpu: DeviceCost = CPU_COST
+    cuda: DeviceCost = CUDA_COST
 
     def time(self, form, out_features, in_features, nnz, batch, device_type, element_size=4):
         c = self.cuda if device_type == "cuda" else self.cpu
         if form == "dense":
             size = out_features * in_features
-            return c.dense_overhead_s + max(size * element_size / c.dense_bandwidth, 2 * size * batch / c.dense_rate)
+            fast = element_size < 4 or (device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+            rate = c.dense_rate_fast if fast else c.dense_rate_fp32
+            return c.dense_overhead_s + max(size * element_size / c.dense_bandwidth, 2 * size * batch / rate)
         return c.csr_overhead_s + max(nnz * (element_size + 4) / c.csr_bandwidth, 2 * nnz * batch / c.csr_rate)
 
     def choose(self, out_features, in_features, nnz, batch, device_type, element_size=4):

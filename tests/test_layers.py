@@ -153,3 +153,35 @@ def test_bad_input_is_named(training):
         layer(torch.ones(2, 4, dtype=torch.long))
     with pytest.raises((TypeError, RuntimeError), match="dtype|Double"):
         layer(torch.randn(2, 4, dtype=torch.float64))
+
+
+def test_mismatched_device_is_named():
+    layer = sparsevd.SparseVDLinear(4, 3)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="input is on meta but weight is on cpu"):
+            layer.train(training)(torch.randn(2, 4, device="meta"))
+
+
+def test_package_works_without_the_extension():
+    """What a SPARSEVD_BUILD=none install (or a failed build) gets: the reference path."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["sparsevd._C"] = None  # the compiled extension is absent
+import torch, sparsevd
+assert not sparsevd.dispatch.HAS_EXTENSION and not sparsevd.dispatch.use_ops()
+torch.manual_seed(0)
+model = torch.nn.Sequential(sparsevd.SparseVDLinear(5, 4), torch.nn.ReLU(), sparsevd.SparseVDLinear(4, 2))
+loss = sparsevd.SGVLBLoss(model, dataset_size=10)(model(torch.randn(3, 5)), torch.tensor([0, 1, 1]))
+loss.backward()
+assert model[0].log_sigma2.grad is not None
+fast = sparsevd.sparsify(model.eval())
+x = torch.randn(6, 5)
+torch.testing.assert_close(fast(x), model(x))
+print(sparsevd.dispatch.describe())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "reference path only" in result.stdout

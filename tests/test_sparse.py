@@ -164,3 +164,14 @@ def test_report_rows_and_totals():
     assert after.total["kept"] <= rep.total["kept"]
     with pytest.raises(ValueError, match="no linear layers"):
         sparsevd.report(nn.ReLU())
+
+
+def test_cost_model_follows_density_batch_and_device():
+    model = sparsevd.CostModel()
+    n = k = 4096
+    for device in ("cpu", "cuda"):
+        assert model.choose(n, k, int(0.02 * n * k), 1, device) == "csr"
+        assert model.choose(n, k, int(0.9 * n * k), 1, device) == "dense"
+    # at large batch on a GPU, tensor-core GEMM beats the SpMM at 98% sparsity
+    assert model.choose(n, k, int(0.02 * n * k), 4096, "cuda", element_size=2) == "dense"
+    assert model.choose(n, k, int(0.002 * n * k), 4096, "cpu") == "csr"
