@@ -11,6 +11,10 @@ TORCH_LIBRARY(sparsevd, m) {
   // (∂/∂weight, ∂/∂log_sigma2) of grad · kl_divergence, in the parameters' dtype.
   m.def("kl_divergence_backward(Tensor grad, Tensor weight, Tensor log_sigma2, "
         "float log_alpha_min, float log_alpha_max) -> (Tensor, Tensor)");
+  // (Σ KL, ∂KL/∂weight, ∂KL/∂log_sigma2) in one sweep: the forward of training, where
+  // the gradients are kept for backward (which scales them by the incoming grad).
+  m.def("kl_divergence_with_grad(Tensor weight, Tensor log_sigma2, float log_alpha_min, "
+        "float log_alpha_max) -> (Tensor, Tensor, Tensor)");
   // LRT linear on x [M, K]: returns (y, s), s = the [M, N] std kept for backward.
   // The noise comes from `seed` (int64, 0-dim) and is regenerated, never stored.
   m.def("lrt_linear(Tensor x, Tensor weight, Tensor log_sigma2, Tensor? bias, "

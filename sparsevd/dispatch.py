@@ -54,7 +54,7 @@ def describe():
     if not HAS_EXTENSION:
         return f"reference path only (extension not loaded: {EXTENSION_ERROR})"
     lines = [f"extension sparsevd._C loaded; backend {'ops' if use_ops() else 'reference'}"]
-    for op in ("kl_divergence", "lrt_linear", "csr_linear"):
+    for op in ("kl_divergence", "kl_divergence_with_grad", "lrt_linear", "csr_linear"):
         kernels = {key: _kernel_name(op, key) for key in ("CPU", "CUDA")}
         lines.append(f"  {op}: " + ", ".join(f"{k} -> {v}" for k, v in kernels.items()))
     return "\n".join(lines)
@@ -115,20 +115,36 @@ def _kl_divergence_backward_reference(grad, weight, log_sigma2, lo, hi):
     return dw, ds
 
 
+def _kl_divergence_with_grad_reference(weight, log_sigma2, lo, hi):
+    with torch.enable_grad():
+        w = weight.detach().requires_grad_()
+        s = log_sigma2.detach().requires_grad_()
+        kl = reference.kl_divergence(w, s, (lo, hi))
+        dw, ds = torch.autograd.grad(kl, (w, s))
+    return kl.detach(), dw.contiguous(), ds.contiguous()
+
+
 def _csr_linear_reference(x, crow_indices, col_indices, values, bias):
     return reference.csr_linear(x, crow_indices, col_indices, values, bias)
 
 
 # --- triton kernels (CUDA) ---------------------------------------------------------------
+# Triton covers fp32 (TF32 when torch allows it), fp16 and bf16; other dtypes (float64
+# for gradcheck, say) take the reference on the same device.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _lrt_linear_triton(x, weight, log_sigma2, bias, seed):
+    if x.dtype not in _TRITON_DTYPES:
+        return _lrt_linear_reference(x, weight, log_sigma2, bias, seed)
     from .triton_kernels import lrt
 
     return lrt.lrt_forward(x, weight, log_sigma2, bias, int(seed))
 
 
 def _lrt_linear_backward_triton(grad, x, weight, log_sigma2, std, seed, output_mask):
+    if x.dtype not in _TRITON_DTYPES:
+        return _lrt_linear_backward_reference(grad, x, weight, log_sigma2, std, seed, output_mask)
     from .triton_kernels import lrt
 
     grads = lrt.lrt_backward(grad, x, weight, log_sigma2, std, int(seed), tuple(output_mask))
@@ -137,21 +153,35 @@ def _lrt_linear_backward_triton(grad, x, weight, log_sigma2, std, seed, output_m
 
 
 def _lrt_noise_triton(x, weight, seed):
+    if x.dtype not in _TRITON_DTYPES:
+        return _lrt_noise_reference(x, weight, seed)
     from .triton_kernels import lrt
 
     return lrt.lrt_noise(x.shape[0], weight.shape[0], int(seed), x.device)
 
 
 def _kl_divergence_triton(weight, log_sigma2, lo, hi):
+    if weight.dtype not in _TRITON_DTYPES:
+        return _kl_divergence_reference(weight, log_sigma2, lo, hi)
     from .triton_kernels import kl
 
     return kl.kl_forward(weight, log_sigma2, lo, hi)
 
 
 def _kl_divergence_backward_triton(grad, weight, log_sigma2, lo, hi):
+    if weight.dtype not in _TRITON_DTYPES:
+        return _kl_divergence_backward_reference(grad, weight, log_sigma2, lo, hi)
     from .triton_kernels import kl
 
     return kl.kl_backward(grad, weight, log_sigma2, lo, hi)
+
+
+def _kl_divergence_with_grad_triton(weight, log_sigma2, lo, hi):
+    if weight.dtype not in _TRITON_DTYPES:
+        return _kl_divergence_with_grad_reference(weight, log_sigma2, lo, hi)
+    from .triton_kernels import kl
+
+    return kl.kl_forward_backward(weight, log_sigma2, lo, hi)
 
 
 _KERNELS = {
@@ -176,8 +206,25 @@ _KERNELS = {
         "cuda": [("triton", _kl_divergence_backward_triton)],
         None: [("reference", _kl_divergence_backward_reference)],
     },
+    "kl_divergence_with_grad": {
+        "cuda": [("triton", _kl_divergence_with_grad_triton)],
+        None: [("reference", _kl_divergence_with_grad_reference)],
+    },
     "csr_linear": {None: [("reference", _csr_linear_reference)]},
 }
+
+# Devices where training computes ∂KL in the forward sweep (kl_divergence_with_grad)
+# instead of a separate backward sweep: those with a C++ kernel for it (the CPU). There
+# the sweep is compute-bound (exp/log), so doing that work once instead of twice pays for
+# the extra pass that scales the kept gradients by the incoming grad. A bandwidth-bound
+# GPU kernel would lose on that pass, so CUDA keeps separate forward and backward kernels
+# (the op still runs there, through the Python kernel below, for callers that ask).
+FUSED_KL_GRAD_DEVICES = frozenset()
+
+
+def prefers_kl_with_grad(device):
+    """True when functional.kl_divergence should use the fused forward+gradient op on ``device``."""
+    return device.type in FUSED_KL_GRAD_DEVICES
 
 _REGISTERED = {}  # (op, dispatch key) -> name of the Python kernel registered there
 
@@ -203,4 +250,7 @@ def _register_python_kernels():
 
 
 if HAS_EXTENSION:
+    FUSED_KL_GRAD_DEVICES = frozenset(  # before the Python kernels fill the other keys
+        device for key, device in (("CPU", "cpu"), ("CUDA", "cuda")) if _has_cpp_kernel("kl_divergence_with_grad", key)
+    )
     _register_python_kernels()

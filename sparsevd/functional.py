@@ -63,6 +63,11 @@ def _check_input(op, input, in_features, weight, bias, out_features):
     _check_same(op, "weight", weight, input=input, bias=bias)
 
 
+def _as_2d(input):
+    # reshape(-1, K) is ambiguous when K == 0
+    return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
+
+
 def _check_range(op, log_alpha_range):
     lo, hi = (float(v) for v in log_alpha_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
@@ -92,7 +97,7 @@ def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=Non
     _check_params(op, weight, log_sigma2)
     _check_input(op, input, weight.shape[1], weight, bias, weight.shape[0])
     seed = _as_seed(seed, generator)
-    x = input.reshape(-1, weight.shape[1])
+    x = _as_2d(input)
     if dispatch.use_ops():
         y, _ = torch.ops.sparsevd.lrt_linear(x, weight, log_sigma2, bias, seed)
     else:
@@ -112,7 +117,7 @@ def lrt_noise(input, weight, seed):
     """The float32 noise ``z`` that ``lrt_linear(input, weight, ..., seed=seed)`` used."""
     _check_tensor("input", input, "lrt_noise")
     seed = _as_seed(seed, None)
-    x = input.reshape(-1, weight.shape[1])
+    x = _as_2d(input)
     if dispatch.use_ops():
         z = torch.ops.sparsevd.lrt_noise(x, weight, seed)
     else:
@@ -132,6 +137,14 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE)
     _check_same(op, "weight", weight, log_sigma2=log_sigma2)
     lo, hi = _check_range(op, log_alpha_range)
     if dispatch.use_ops():
+        if (
+            torch.is_grad_enabled()
+            and (weight.requires_grad or log_sigma2.requires_grad)
+            and dispatch.prefers_kl_with_grad(weight.device)
+        ):
+            # Training: the gradients come out of the same sweep as the sum and are kept
+            # for backward (which only scales them), instead of a second sweep.
+            return torch.ops.sparsevd.kl_divergence_with_grad(weight, log_sigma2, lo, hi)[0]
         return torch.ops.sparsevd.kl_divergence(weight, log_sigma2, lo, hi)
     return reference.kl_divergence(weight, log_sigma2, (lo, hi))
 
@@ -155,7 +168,7 @@ def csr_linear(input, crow_indices, col_indices, values, bias=None):
     if out_features < 0:
         raise ValueError(f"{op}: crow_indices must have at least one element")
     _check_input(op, input, input.shape[-1] if input.dim() else -1, values, bias, out_features)
-    x = input.reshape(-1, input.shape[-1])
+    x = _as_2d(input)
     if dispatch.use_ops():
         y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
     else:

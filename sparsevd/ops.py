@@ -37,6 +37,43 @@ if dispatch.HAS_EXTENSION:
 
     torch.library.register_autograd("sparsevd::kl_divergence", _kl_backward, setup_context=_kl_setup)
 
+    @torch.library.register_fake("sparsevd::kl_divergence_with_grad")
+    def _(weight, log_sigma2, log_alpha_min, log_alpha_max):
+        # Every kernel returns contiguous gradients, whatever the parameters' strides.
+        kl = weight.new_empty((), dtype=_kl_dtype(weight))
+        return kl, weight.new_empty(weight.shape), log_sigma2.new_empty(log_sigma2.shape)
+
+    def _kl_with_grad_setup(ctx, inputs, output):
+        weight, log_sigma2, lo, hi = inputs
+        _, dw, ds = output
+        ctx.mark_non_differentiable(dw, ds)
+        ctx.set_materialize_grads(False)  # no zero tensors for the two gradient outputs
+        # ∂KL for grad = 1 came out of the forward sweep; the first backward scales it in
+        # place (no second pair of parameter-sized buffers, which page-faults on big
+        # layers). They are held on ctx rather than saved, so that scaling does not trip
+        # the saved-tensor version check; a second backward through a retained graph
+        # recomputes from the parameters.
+        ctx.unit_grads = (dw, ds)
+        ctx.log_alpha_range = (lo, hi)
+        ctx.save_for_backward(weight, log_sigma2)
+
+    def _kl_with_grad_backward(ctx, grad, _grad_dw, _grad_ds):
+        if grad is None:  # grads are not materialized: None means zero
+            return None, None, None, None
+        if ctx.unit_grads is not None:
+            dw, ds = ctx.unit_grads
+            ctx.unit_grads = None
+            if type(dw) is torch.Tensor and type(grad) is torch.Tensor and not torch.compiler.is_compiling():
+                return dw.mul_(grad), ds.mul_(grad), None, None
+            return dw * grad, ds * grad, None, None  # traced (fake / functional tensors): no mutation
+        weight, log_sigma2 = ctx.saved_tensors
+        dw, ds = ops.kl_divergence_backward(grad, weight, log_sigma2, *ctx.log_alpha_range)
+        return dw, ds, None, None
+
+    torch.library.register_autograd(
+        "sparsevd::kl_divergence_with_grad", _kl_with_grad_backward, setup_context=_kl_with_grad_setup
+    )
+
     @torch.library.register_fake("sparsevd::lrt_linear")
     def _(x, weight, log_sigma2, bias, seed):
         shape = (x.shape[0], weight.shape[0])
