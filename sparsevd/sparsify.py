@@ -71,14 +71,7 @@ class CostModel:
 def _masked_dense(layer):
     """An nn.Linear holding θ ⊙ mask of a SparseVD layer (an exact eval-mode copy)."""
     with torch.no_grad():
-        weight = layer.weight * layer.mask()
-        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                          device=weight.device, dtype=weight.dtype)
-        dense.weight.copy_(weight)
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias)
-    dense.sparsevd_origin = True
-    return dense
+        return _linear(layer.weight * layer.mask(), layer.bias, origin=True)
 
 
 def _replace_sparsevd(module):
@@ -90,7 +83,9 @@ def _replace_sparsevd(module):
 
 
 def _linear(weight, bias, origin):
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    # skip_init: the weights are overwritten at once, so don't draw random ones first
+    layer = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                     device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
