@@ -24,6 +24,14 @@ TORCH_LIBRARY(sparsevd, m) {
         "Tensor std, Tensor seed, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   // The exact [M, N] float32 noise that lrt_linear(x, weight, ..., seed) used.
   m.def("lrt_noise(Tensor x, Tensor weight, Tensor seed) -> Tensor");
+  // The LRT's sampling step for any layer with Gaussian pre-activations (a conv, say):
+  // (y, s) with s = sqrt(var + 1e-8), y = mean + s ⊙ z; z at the flat indices of the
+  // contiguous mean, from `seed` (the same numbers lrt_linear uses for an [M, N] output).
+  m.def("lrt_sample(Tensor mean, Tensor var, Tensor seed) -> (Tensor, Tensor)");
+  // h = grad ⊙ z / (2 std): the gradient w.r.t. var (the one w.r.t. mean is grad).
+  m.def("lrt_sample_backward(Tensor grad, Tensor std, Tensor seed) -> Tensor");
+  // The exact float32 noise, of mean's shape, that lrt_sample(mean, ..., seed) used.
+  m.def("lrt_sample_noise(Tensor mean, Tensor seed) -> Tensor");
   // y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices.
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
         "Tensor? bias) -> Tensor");
@@ -32,6 +40,7 @@ TORCH_LIBRARY(sparsevd, m) {
 // The noise is a constant of the seed: nothing to differentiate.
 TORCH_LIBRARY_IMPL(sparsevd, Autograd, m) {
   m.impl("lrt_noise", torch::CppFunction::makeFallthrough());
+  m.impl("lrt_sample_noise", torch::CppFunction::makeFallthrough());
 }
 
 // `import sparsevd._C` loads the library above; the module itself is empty.

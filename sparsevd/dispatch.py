@@ -54,7 +54,7 @@ def describe():
     if not HAS_EXTENSION:
         return f"reference path only (extension not loaded: {EXTENSION_ERROR})"
     lines = [f"extension sparsevd._C loaded; backend {'ops' if use_ops() else 'reference'}"]
-    for op in ("kl_divergence", "kl_divergence_with_grad", "lrt_linear", "csr_linear"):
+    for op in ("kl_divergence", "kl_divergence_with_grad", "lrt_linear", "lrt_sample", "csr_linear"):
         kernels = {key: _kernel_name(op, key) for key in ("CPU", "CUDA")}
         lines.append(f"  {op}: " + ", ".join(f"{k} -> {v}" for k, v in kernels.items()))
     return "\n".join(lines)
@@ -100,6 +100,20 @@ def _lrt_linear_backward_reference(grad, x, weight, log_sigma2, std, seed, outpu
     ds = (h.t() @ (x * x)) * sigma2 if need_s else empty
     db = grad.sum(0) if need_b else empty
     return dx, dw, ds, db
+
+
+def _sample_noise_reference(mean, seed):
+    # the flat stream of noise_from_seed: for an [M, N] output, lrt_linear's noise
+    return noise_from_seed(1, mean.numel(), seed, mean.device).view(mean.shape)
+
+
+def _lrt_sample_reference(mean, var, seed):
+    std = torch.sqrt(var + reference.EPS)
+    return (mean + std * _sample_noise_reference(mean, seed).to(mean.dtype)).contiguous(), std.contiguous()
+
+
+def _lrt_sample_backward_reference(grad, std, seed):
+    return (grad * _sample_noise_reference(grad, seed).to(grad.dtype) / (2 * std)).contiguous()
 
 
 def _kl_divergence_reference(weight, log_sigma2, lo, hi):
@@ -160,6 +174,28 @@ def _lrt_noise_triton(x, weight, seed):
     return lrt.lrt_noise(x.shape[0], weight.shape[0], int(seed), x.device)
 
 
+def _lrt_sample_triton(mean, var, seed):
+    if mean.dtype not in _TRITON_DTYPES:
+        return _lrt_sample_reference(mean, var, seed)
+    from .triton_kernels import lrt
+
+    return lrt.lrt_sample(mean, var, int(seed))
+
+
+def _lrt_sample_backward_triton(grad, std, seed):
+    if grad.dtype not in _TRITON_DTYPES:
+        return _lrt_sample_backward_reference(grad, std, seed)
+    from .triton_kernels import lrt
+
+    return lrt.lrt_sample_backward(grad, std, int(seed))
+
+
+def _sample_noise_triton(mean, seed):
+    from .triton_kernels import lrt
+
+    return lrt.lrt_noise(1, mean.numel(), int(seed), mean.device).view(mean.shape)
+
+
 def _kl_divergence_triton(weight, log_sigma2, lo, hi):
     if weight.dtype not in _TRITON_DTYPES:
         return _kl_divergence_reference(weight, log_sigma2, lo, hi)
@@ -197,6 +233,18 @@ _KERNELS = {
     "lrt_noise": {
         "cuda": [("triton", _lrt_noise_triton)],
         None: [("reference", _lrt_noise_reference)],
+    },
+    "lrt_sample": {
+        "cuda": [("triton", _lrt_sample_triton)],
+        None: [("reference", _lrt_sample_reference)],
+    },
+    "lrt_sample_backward": {
+        "cuda": [("triton", _lrt_sample_backward_triton)],
+        None: [("reference", _lrt_sample_backward_reference)],
+    },
+    "lrt_sample_noise": {
+        "cuda": [("triton", _sample_noise_triton)],
+        None: [("reference", _sample_noise_reference)],
     },
     "kl_divergence": {
         "cuda": [("triton", _kl_divergence_triton)],

@@ -14,7 +14,7 @@ from . import dispatch, ops, reference  # noqa: F401  (ops registers fakes and a
 
 __all__ = [
     "masked_linear",
-    "lrt_linear", "lrt_noise", "kl_divergence", "csr_linear", "validate_csr", "log_alpha", "prune_mask"]
+    "lrt_linear", "lrt_noise", "lrt_sample", "lrt_sample_noise", "kl_divergence", "csr_linear", "validate_csr", "log_alpha", "prune_mask"]
 
 log_alpha = reference.log_alpha
 prune_mask = reference.prune_mask
@@ -123,6 +123,43 @@ def lrt_noise(input, weight, seed):
     else:
         z = dispatch.noise_from_seed(x.shape[0], weight.shape[0], seed, x.device)
     return z.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def _check_mean_var(op, mean, var):
+    _check_tensor("mean", mean, op)
+    _check_tensor("var", var, op)
+    if var.shape != mean.shape:
+        raise ValueError(f"{op}: var must have the shape of mean {tuple(mean.shape)}, got {tuple(var.shape)}")
+    _check_same(op, "mean", mean, var=var)
+
+
+def lrt_sample(mean, var, *, seed=None, generator=None):
+    """The LRT's sampling step for any layer with Gaussian pre-activations:
+    y = mean + sqrt(var + 1e-8) ⊙ z, z ~ N(0, 1) of mean's shape.
+
+    A SparseVD convolution, say, passes conv(x, θ) + b and conv(x ⊙ x, exp(log σ²)).
+    Differentiable w.r.t. ``mean`` (gradient g) and ``var`` (g ⊙ z / (2 sqrt(var + 1e-8)));
+    the noise is regenerated from ``seed`` in backward, never stored, and is one fused
+    kernel per direction on CUDA and CPU. ``seed`` and ``generator`` work as in
+    :func:`lrt_linear`; :func:`lrt_sample_noise` gives the noise back (for an
+    ``[M, N]`` output it is the noise ``lrt_linear`` draws with the same seed).
+    """
+    op = "lrt_sample"
+    _check_mean_var(op, mean, var)
+    seed = _as_seed(seed, generator)
+    if dispatch.use_ops():
+        return torch.ops.sparsevd.lrt_sample(mean, var, seed)[0]
+    noise = dispatch.noise_from_seed(1, mean.numel(), seed, mean.device).view(mean.shape)
+    return reference.lrt_sample(mean, var, noise.to(mean.dtype))
+
+
+def lrt_sample_noise(mean, seed):
+    """The float32 noise ``z`` that ``lrt_sample(mean, var, seed=seed)`` used."""
+    _check_tensor("mean", mean, "lrt_sample_noise")
+    seed = _as_seed(seed, None)
+    if dispatch.use_ops():
+        return torch.ops.sparsevd.lrt_sample_noise(mean, seed)
+    return dispatch.noise_from_seed(1, mean.numel(), seed, mean.device).view(mean.shape)
 
 
 def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE):

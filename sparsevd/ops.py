@@ -113,6 +113,33 @@ if dispatch.HAS_EXTENSION:
 
     torch.library.register_autograd("sparsevd::lrt_linear", _lrt_backward, setup_context=_lrt_setup)
 
+    @torch.library.register_fake("sparsevd::lrt_sample")
+    def _(mean, var, seed):
+        return torch.empty_like(mean, memory_format=torch.contiguous_format), torch.empty_like(
+            mean, memory_format=torch.contiguous_format
+        )
+
+    @torch.library.register_fake("sparsevd::lrt_sample_backward")
+    def _(grad, std, seed):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("sparsevd::lrt_sample_noise")
+    def _(mean, seed):
+        return mean.new_empty(mean.shape, dtype=torch.float32)
+
+    def _sample_setup(ctx, inputs, output):
+        _, _, seed = inputs
+        _, std = output
+        ctx.mark_non_differentiable(std)
+        ctx.save_for_backward(std, seed)  # the noise is regenerated from the seed
+
+    def _sample_backward(ctx, grad, _grad_std):
+        std, seed = ctx.saved_tensors
+        dvar = ops.lrt_sample_backward(grad.contiguous(), std, seed) if ctx.needs_input_grad[1] else None
+        return grad if ctx.needs_input_grad[0] else None, dvar, None
+
+    torch.library.register_autograd("sparsevd::lrt_sample", _sample_backward, setup_context=_sample_setup)
+
     @torch.library.register_fake("sparsevd::csr_linear")
     def _(x, crow_indices, col_indices, values, bias):
         return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))

@@ -13,7 +13,7 @@ forward   x⊙x and exp(log σ²) in the input dtype (two elementwise passes; se
           ``_lrt_fwd_kernel``: one program per [BLOCK_M, BLOCK_N] tile of y (1-D grid,
           grouped ordering for L2 reuse), one K loop feeding two tensor-core dots
           (x·θᵀ and x²·exp(log σ²)ᵀ) into two fp32 accumulators; epilogue: + bias (mean
-          only), s = sqrt(v + 1e-8), writes μ and s. ``_add_noise_kernel``: y = μ + s⊙z
+          only), s = sqrt(v + 1e-8), writes μ and s. ``_sample_kernel``: y = μ + s⊙z
           in place (see FUSE_NOISE: the noise can also be drawn in the GEMM epilogue).
 backward  ``_lrt_h_kernel`` (2-D grid over [M, N]): h = g⊙z/(2s) with z regenerated, and
           per-row-block partial column sums of g, summed on the host in a fixed order
@@ -170,18 +170,39 @@ def _noise_kernel(z_ptr, start, numel, seed, WIDE: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _add_noise_kernel(y_ptr, s_ptr, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    # y += s ⊙ z over contiguous [M, N] y and s, whose flat index is the noise offset m·N + n
+def _sample_kernel(mu_ptr, v_ptr, y_ptr, s_ptr, numel, seed, FROM_VAR: tl.constexpr, WIDE: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    # y = μ + s ⊙ z over contiguous tensors whose flat index is the noise offset; s is
+    # sqrt(v + eps) (FROM_VAR, then stored to s_ptr) or read from s_ptr (v_ptr unused)
     pid = tl.program_id(0)
     if WIDE:
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     else:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    mu = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    std = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FROM_VAR:
+        std = tl.sqrt(tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) + 1e-8)
+        tl.store(s_ptr + offs, std.to(s_ptr.dtype.element_ty), mask=mask)
+    else:
+        std = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     y = mu + std * _randn(seed, offs, WIDE)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _half_noise_over_std_kernel(g_ptr, s_ptr, h_ptr, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    # h = g ⊙ z / (2s) over contiguous tensors, z regenerated at the flat index
+    pid = tl.program_id(0)
+    if WIDE:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    std = tl.load(s_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    h = g * _randn(seed, offs, WIDE) * 0.5 / std
+    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 def _normalize_seed(seed):
@@ -206,6 +227,48 @@ def lrt_noise(M, N, seed, device):
     Philox normal at offset m·N + n."""
     M, N = int(M), int(N)
     return _noise_flat(0, M * N, seed, torch.device(device)).view(M, N)
+
+
+def _launch_flat(kernel, numel, *args, **meta):
+    block = 1024
+    kernel[(triton.cdiv(numel, block),)](*args, BLOCK=block, num_warps=4, **meta)
+
+
+def _check_pair(a, b, names):
+    if a.shape != b.shape:
+        raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} differ in shape")
+    if a.dtype != b.dtype or a.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{names[0]} and {names[1]} must share one of float32/float16/bfloat16, got {a.dtype}, {b.dtype}")
+    if a.device != b.device:
+        raise ValueError(f"{names[0]} and {names[1]} must be on one device")
+    if a.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError("Triton LRT kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+def lrt_sample(mean, var, seed):
+    """(y, s) with s = sqrt(var + 1e-8) and y = mean + s ⊙ z, z the Philox normals at the
+    flat indices of the (contiguous) output: for an [M, N] output exactly the noise
+    ``lrt_forward`` adds. Both outputs contiguous, in mean's dtype."""
+    _check_pair(mean, var, ("mean", "var"))
+    mean, var = mean.contiguous(), var.contiguous()
+    y, std = torch.empty_like(mean), torch.empty_like(mean)
+    numel = mean.numel()
+    if numel:
+        _launch_flat(_sample_kernel, numel, mean, var, y, std, numel, _normalize_seed(seed), FROM_VAR=True,
+                     WIDE=numel - 1 > _INT32_MAX)
+    return y, std
+
+
+def lrt_sample_backward(grad, std, seed):
+    """h = grad ⊙ z / (2 std) with the z of ``lrt_sample(..., seed)``: ∂L/∂var."""
+    _check_pair(grad, std, ("grad", "std"))
+    grad, std = grad.contiguous(), std.contiguous()
+    h = torch.empty_like(grad)
+    numel = grad.numel()
+    if numel:
+        _launch_flat(_half_noise_over_std_kernel, numel, grad, std, h, numel, _normalize_seed(seed),
+                     WIDE=numel - 1 > _INT32_MAX)
+    return h
 
 
 # ------------------------------------------------------------------------------------------
@@ -584,8 +647,7 @@ def lrt_forward(x, weight, log_sigma2, bias, seed, *, _wide=None, _on_the_fly=No
         NOISE=fuse_noise,
     )  # fmt: skip
     if not fuse_noise:
-        block = 1024
-        _add_noise_kernel[(triton.cdiv(M * N, block),)](y, std, M * N, seed, WIDE=wide, BLOCK=block, num_warps=4)
+        _launch_flat(_sample_kernel, M * N, y, y, y, std, M * N, seed, FROM_VAR=False, WIDE=wide)
     return y, std
 
 

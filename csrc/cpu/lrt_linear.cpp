@@ -247,6 +247,54 @@ bool fused_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
+// ---- the sampling epilogue, shared by lrt_linear and lrt_sample --------------------------------
+
+// s = sqrt(v + eps) into v, y = μ + s ⊙ z into mu: contiguous float32 / float64, z float32.
+void sample_in_place(at::Tensor& mu, at::Tensor& v, const at::Tensor& z) {
+  TORCH_INTERNAL_ASSERT(mu.is_contiguous() && v.is_contiguous() && z.is_contiguous());
+  const int64_t count = mu.numel();
+  const float* zp = z.const_data_ptr<float>();
+  if (mu.scalar_type() == at::kFloat) {
+    float* mp = mu.mutable_data_ptr<float>();
+    float* vp = v.mutable_data_ptr<float>();
+    const auto f = float_loops().epilogue;
+    parallel_elementwise(count, [&](int64_t b, int64_t e) { f(mp + b, vp + b, zp + b, e - b); });
+  } else {
+    double* mp = mu.mutable_data_ptr<double>();
+    double* vp = v.mutable_data_ptr<double>();
+    parallel_elementwise(count, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const double s = std::sqrt(vp[i] + kEpsDouble);
+        vp[i] = s;
+        mp[i] += s * double(zp[i]);
+      }
+    });
+  }
+}
+
+// h = g ⊙ z / (2s) for contiguous float32 / float64 g and s, z float32.
+at::Tensor half_noise_over_std_of(const at::Tensor& g, const at::Tensor& z, const at::Tensor& sd) {
+  TORCH_INTERNAL_ASSERT(g.is_contiguous() && z.is_contiguous() && sd.is_contiguous());
+  auto h = at::empty_like(g);
+  const int64_t count = g.numel();
+  const float* zp = z.const_data_ptr<float>();
+  if (g.scalar_type() == at::kFloat) {
+    const float* gp = g.const_data_ptr<float>();
+    const float* sp = sd.const_data_ptr<float>();
+    float* hp = h.mutable_data_ptr<float>();
+    const auto f = float_loops().half_noise_over_std;
+    parallel_elementwise(count, [&](int64_t b, int64_t e) { f(gp + b, zp + b, sp + b, hp + b, e - b); });
+  } else {
+    const double* gp = g.const_data_ptr<double>();
+    const double* sp = sd.const_data_ptr<double>();
+    double* hp = h.mutable_data_ptr<double>();
+    parallel_elementwise(count, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hp[i] = 0.5 * gp[i] * double(zp[i]) / sp[i];
+    });
+  }
+  return h;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> lrt_linear_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
@@ -276,24 +324,7 @@ std::tuple<at::Tensor, at::Tensor> lrt_linear_cpu(const at::Tensor& x_in, const 
   const auto x2 = square_of(x);
   at::Tensor mu = bias.has_value() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   at::Tensor v = at::mm(x2, sigma2.t());
-  TORCH_INTERNAL_ASSERT(mu.is_contiguous() && v.is_contiguous());
-  const float* zp = z.const_data_ptr<float>();
-  if (x.scalar_type() == at::kFloat) {
-    float* mp = mu.mutable_data_ptr<float>();
-    float* vp = v.mutable_data_ptr<float>();
-    const auto f = float_loops().epilogue;
-    parallel_elementwise(m * n, [&](int64_t b, int64_t e) { f(mp + b, vp + b, zp + b, e - b); });
-  } else {
-    double* mp = mu.mutable_data_ptr<double>();
-    double* vp = v.mutable_data_ptr<double>();
-    parallel_elementwise(m * n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const double s = std::sqrt(vp[i] + kEpsDouble);
-        vp[i] = s;
-        mp[i] += s * double(zp[i]);
-      }
-    });
-  }
+  sample_in_place(mu, v, z);
   return {mu, v};
 }
 
@@ -338,23 +369,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward_c
   if (need_b) db = g.sum(0);
   if (!need_x && !need_s) return {dx, dw, ds, db};
 
-  // h = g ⊙ z / (2s)
-  auto h = at::empty_like(g);
-  const float* zp = z.const_data_ptr<float>();
-  if (g.scalar_type() == at::kFloat) {
-    const float* gp = g.const_data_ptr<float>();
-    const float* sp = sd.const_data_ptr<float>();
-    float* hp = h.mutable_data_ptr<float>();
-    const auto f = float_loops().half_noise_over_std;
-    parallel_elementwise(m * n, [&](int64_t b, int64_t e) { f(gp + b, zp + b, sp + b, hp + b, e - b); });
-  } else {
-    const double* gp = g.const_data_ptr<double>();
-    const double* sp = sd.const_data_ptr<double>();
-    double* hp = h.mutable_data_ptr<double>();
-    parallel_elementwise(m * n, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) hp[i] = 0.5 * gp[i] * double(zp[i]) / sp[i];
-    });
-  }
+  const auto h = half_noise_over_std_of(g, z, sd);
 
   const bool is_float = x.scalar_type() == at::kFloat;
   at::Tensor sigma2;  // materialized only when ∂x needs the GEMM h σ²
@@ -388,12 +403,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lrt_linear_backward_c
   return {dx, dw, ds, db};
 }
 
+// ---- the sampling step alone ----------------------------------------------------------------
+
+void check_same_layout(const at::Tensor& a, const at::Tensor& b, const char* a_name,
+                       const char* b_name, const char* op) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", a_name, " and ", b_name,
+              " must have one shape, got ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", a_name, " and ", b_name,
+              " must have one dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": expected floating-point tensors, got ",
+              a.scalar_type());
+}
+
+// The noise of lrt_sample: the flat stream noise_from_seed draws, in the output's shape
+// (torch's CPU normal fill depends on the element count only, not on the shape).
+at::Tensor sample_noise(const at::Tensor& like, int64_t seed) {
+  return noise_from_seed(1, like.numel(), seed).view(like.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> lrt_sample_cpu(const at::Tensor& mean, const at::Tensor& var,
+                                                   const at::Tensor& seed) {
+  constexpr const char* op = "lrt_sample";
+  check_same_layout(mean, var, "mean", "var", op);
+  const auto z = sample_noise(mean, seed_value(seed, op));
+  if (!fused_dtype(mean)) {  // float16 / bfloat16: the reference formula in ATen ops
+    const auto std_ = at::sqrt(var + kEpsDouble);
+    return {mean + std_ * z.to(mean.scalar_type()), std_};
+  }
+  auto y = mean.clone(at::MemoryFormat::Contiguous);
+  auto s = var.clone(at::MemoryFormat::Contiguous);
+  sample_in_place(y, s, z);
+  return {y, s};
+}
+
+at::Tensor lrt_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& std_in,
+                                   const at::Tensor& seed) {
+  constexpr const char* op = "lrt_sample_backward";
+  check_same_layout(grad, std_in, "grad", "std", op);
+  const auto z = sample_noise(grad, seed_value(seed, op));
+  if (!fused_dtype(grad)) return grad * z.to(grad.scalar_type()) / (2 * std_in);
+  return half_noise_over_std_of(grad.contiguous(), z, std_in.contiguous());
+}
+
+at::Tensor lrt_sample_noise_cpu(const at::Tensor& mean, const at::Tensor& seed) {
+  return sample_noise(mean, seed_value(seed, "lrt_sample_noise"));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsevd, CPU, m) {
   m.impl("lrt_linear", &lrt_linear_cpu);
   m.impl("lrt_linear_backward", &lrt_linear_backward_cpu);
   m.impl("lrt_noise", &lrt_noise_cpu);
+  m.impl("lrt_sample", &lrt_sample_cpu);
+  m.impl("lrt_sample_backward", &lrt_sample_backward_cpu);
+  m.impl("lrt_sample_noise", &lrt_sample_noise_cpu);
 }
 
 }  // namespace sparsevd
