@@ -186,11 +186,13 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE)
     return reference.kl_divergence(weight, log_sigma2, (lo, hi))
 
 
-def csr_linear(input, crow_indices, col_indices, values, bias=None):
+def csr_linear(input, crow_indices, col_indices, values, bias=None, *, validate=True):
     """y = x W_csrᵀ + b, W [out_features, in_features] in CSR with int32 indices.
 
-    ``in_features`` is ``input.shape[-1]``; the CSR structure is assumed valid (see
-    :func:`validate_csr` for the one-time check).
+    ``in_features`` is ``input.shape[-1]``. The kernels trust the structure (an index out
+    of range would read outside x), so by default every call runs :func:`validate_csr`
+    first; owners of a structure checked once (``SparseLinear`` checks at construction
+    and load) pass ``validate=False`` and skip its O(nnz) cost.
     """
     op = "csr_linear"
     _check_tensor("values", values, op)
@@ -205,6 +207,8 @@ def csr_linear(input, crow_indices, col_indices, values, bias=None):
     if out_features < 0:
         raise ValueError(f"{op}: crow_indices must have at least one element")
     _check_input(op, input, input.shape[-1] if input.dim() else -1, values, bias, out_features)
+    if validate:
+        validate_csr(crow_indices, col_indices, values, (out_features, input.shape[-1]))
     x = _as_2d(input)
     if dispatch.use_ops():
         y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)

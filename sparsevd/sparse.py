@@ -83,7 +83,8 @@ class SparseLinear(nn.Module):
             raise ValueError(
                 f"SparseLinear: expected input of shape [*, {self.in_features}], got {tuple(input.shape)}"
             )
-        return F.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias)
+        # validated once, at construction and load
+        return F.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias, validate=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         saved = state_dict.get(prefix + "format_version")

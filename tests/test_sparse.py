@@ -175,3 +175,27 @@ def test_cost_model_follows_density_batch_and_device():
     # at large batch on a GPU, tensor-core GEMM beats the SpMM at 98% sparsity
     assert model.choose(n, k, int(0.02 * n * k), 4096, "cuda", element_size=2) == "dense"
     assert model.choose(n, k, int(0.002 * n * k), 4096, "cpu") == "csr"
+
+
+@pytest.mark.parametrize(
+    "crow, col, message",
+    [
+        ([0, 1, 2], [0, 7], "out of range"),
+        ([0, 2, 2], [2, 1], "increasing"),
+        ([0, 1, 3], [0, 1], "end at nnz"),
+    ],
+)
+def test_functional_csr_linear_checks_structure(crow, col, message):
+    # the public functional form must never hand a bad structure to the kernels
+    crow = torch.tensor(crow, dtype=torch.int32)
+    col = torch.tensor(col, dtype=torch.int32)
+    values = torch.ones(col.numel())
+    with pytest.raises(ValueError, match=message):
+        sparsevd.functional.csr_linear(torch.randn(3, 4), crow, col, values)
+
+
+def test_functional_csr_linear_rejects_non_finite_values():
+    crow = torch.tensor([0, 1], dtype=torch.int32)
+    col = torch.tensor([2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        sparsevd.functional.csr_linear(torch.randn(2, 4), crow, col, torch.tensor([float("nan")]))
