@@ -1,5 +1,10 @@
 """LRT linear: sparsevd's kernels against the eager reference, torch.compile of it, and
-a dense nn.Linear of the same shape (the yardstick for the ~2× floor)."""
+a dense nn.Linear of the same shape (the yardstick for the ~2× floor).
+
+"sparsevd-sample" is the other route to the same function: the two products by the
+vendor GEMM (cuBLAS / MKL through F.linear) and only the sampling step fused
+(``functional.lrt_sample``, noise regenerated in backward). Timing both in one run says
+which route the dispatcher should take on a device."""
 
 import pytest
 import torch
@@ -19,7 +24,7 @@ else:  # the CPU runs the reference path by default: small shapes, fp32
     DTYPES = [torch.float32]
 if harness.QUICK:
     SHAPES = [(4096, 4096, 4096), (100, 784, 300)] if DEV.type == "cuda" else [(100, 784, 300)]
-IMPLS = ["sparsevd", "eager", "compile", "dense"]
+IMPLS = ["sparsevd", "sparsevd-sample", "eager", "compile", "dense"]
 
 
 def eager_lrt(x, w, s, b):
@@ -30,9 +35,17 @@ def eager_lrt(x, w, s, b):
 _compiled_lrt = harness.compiled(eager_lrt)
 
 
+def sampled_lrt(x, w, s, b):
+    mean = torch.nn.functional.linear(x, w, b)
+    var = torch.nn.functional.linear(x * x, torch.exp(s))
+    return sparsevd.functional.lrt_sample(mean, var)
+
+
 def _impl(name):
     if name == "sparsevd":
         return sparsevd.functional.lrt_linear
+    if name == "sparsevd-sample":
+        return sampled_lrt
     if name == "eager":
         return eager_lrt
     if name == "compile":
