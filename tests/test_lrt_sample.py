@@ -184,3 +184,18 @@ def test_triton_sample_input_checks():
         triton_lrt.lrt_sample(mean, var[:, :2], 1)
     with pytest.raises(TypeError, match="float32/float16/bfloat16"):
         triton_lrt.lrt_sample(mean.double(), var.double(), 1)
+
+
+def test_compiles_fullgraph():
+    mean, var = _inputs((5, 6), torch.float32, "cpu")
+    mean.requires_grad_()
+    var.requires_grad_()
+
+    def f(m, v):
+        return F.lrt_sample(m, v, seed=torch.tensor(3)).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(mean, var), (mean, var))
+    want = torch.autograd.grad(f(mean, var), (mean, var))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
