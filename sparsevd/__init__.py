@@ -5,16 +5,26 @@ to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
 """
 
 from . import dispatch, functional, reference  # noqa: F401
+from .conv import SparseVDConv1d, SparseVDConv2d
+from .convert import convert
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
-from .sparse import SparseLinear
+from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
+from .uncertainty import Prediction, predict
 from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SparseVDLinear",
+    "SparseVDConv2d",
+    "SparseVDConv1d",
+    "SparseConv2d",
+    "SparseConv1d",
+    "convert",
+    "predict",
+    "Prediction",
     "SparseLinear",
     "sparsify",
     "CostModel",

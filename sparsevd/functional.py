@@ -85,6 +85,29 @@ def _as_seed(seed, generator):
     return torch.tensor(int(seed), dtype=torch.int64)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast(*tensors):
+    """The tensors in ``torch.autocast``'s dtype when it is on for their device type, as
+    nn.Linear runs under it: the custom ops are not autocast-aware. Like autocast, leaves
+    float64 (and anything that is not a floating tensor, for the checks to report) alone.
+    """
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    try:
+        enabled = torch.is_autocast_enabled(first.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, say): nothing to cast
+        return tensors
+    if not enabled:
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors
+    )
+
+
 def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=None):
     """Sample the pre-activations of a SparseVD linear layer (local reparameterization).
 
@@ -94,6 +117,7 @@ def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=Non
     ``torch.manual_seed`` reproduces a run; :func:`lrt_noise` gives it back.
     """
     op = "lrt_linear"
+    input, weight, log_sigma2, bias = _autocast(input, weight, log_sigma2, bias)
     _check_params(op, weight, log_sigma2)
     _check_input(op, input, weight.shape[1], weight, bias, weight.shape[0])
     seed = _as_seed(seed, generator)
@@ -108,6 +132,7 @@ def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=Non
 
 def masked_linear(input, weight, mask, bias=None):
     """The evaluation-mode SparseVD layer: y = x (θ ⊙ mask)ᵀ + b."""
+    input, weight, bias = _autocast(input, weight, bias)
     _check_tensor("weight", weight, "masked_linear")
     _check_input("masked_linear", input, weight.shape[-1], weight, bias, weight.shape[0])
     return reference.masked_linear(input, weight, mask, bias)
@@ -145,6 +170,7 @@ def lrt_sample(mean, var, *, seed=None, generator=None):
     ``[M, N]`` output it is the noise ``lrt_linear`` draws with the same seed).
     """
     op = "lrt_sample"
+    mean, var = _autocast(mean, var)
     _check_mean_var(op, mean, var)
     seed = _as_seed(seed, generator)
     if dispatch.use_ops():

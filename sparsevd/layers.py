@@ -1,10 +1,21 @@
 """Drop-in SparseVD layers.
 
-A SparseVD layer keeps the usual ``weight`` (the posterior mean θ) and ``bias``, plus a
-``log_sigma2`` parameter of the same shape as ``weight`` (the additive-noise
-reparameterization: σ² is learned directly, which lowers the gradient variance
-against learning α). In training mode it samples pre-activations with the local
-reparameterization trick; in eval mode it is the deterministic masked layer.
+A SparseVD layer keeps the usual ``weight`` (the posterior mean θ) and ``bias``, plus the
+parameters of the posterior variance, chosen by ``alpha``:
+
+- ``"weight"`` (default, SparseVD): a ``log_sigma2`` parameter of the shape of ``weight``
+  (the additive-noise reparameterization: σ² is learned directly, which lowers the
+  gradient variance against learning α);
+- ``"unit"``: one learned log α per output unit, ``log_alpha_unit`` of shape ``[out, 1, ...]``
+  (Kingma et al.'s variational dropout with α shared by a unit's incoming weights);
+- ``"layer"``: one learned log α for the layer, ``log_alpha_layer`` of shape ``[1, 1, ...]``;
+- a positive number: Gaussian dropout with that fixed α (the buffer ``fixed_log_alpha``);
+  binary dropout with rate p matches α = p / (1 − p), so ``alpha=1.0`` is p = 0.5.
+
+With a shared α the posterior of each weight is N(θ, α·θ²), so the per-weight
+log σ² the local reparameterization trick needs is log α + log(θ² + 1e-8). In training
+mode a layer samples pre-activations with the LRT; in eval mode it is the deterministic
+masked layer.
 """
 
 from __future__ import annotations
@@ -17,14 +28,34 @@ from torch import nn
 from . import functional as F
 from . import reference
 
+#: The state-dict name of the variance parameter of each ``alpha`` variant.
+_VARIANCE_NAMES = {"weight": "log_sigma2", "unit": "log_alpha_unit", "layer": "log_alpha_layer",
+                   "fixed": "fixed_log_alpha"}
+
+
+def _variant(alpha):
+    if isinstance(alpha, str):
+        if alpha not in ("weight", "unit", "layer"):
+            raise ValueError(f"alpha must be 'weight', 'unit', 'layer' or a fixed α > 0, got {alpha!r}")
+        return alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be 'weight', 'unit', 'layer' or a number (a fixed α), got {alpha!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"a fixed alpha must be a finite number > 0, got {alpha}")
+    return "fixed"
+
 
 class SparseVDModule(nn.Module):
-    """What every SparseVD layer has: log α, the pruning mask, the KL term and counts.
+    """What every SparseVD layer has: the variance parameters of its ``alpha`` variant,
+    log α, the pruning mask, the KL term and counts.
 
-    Subclasses own ``weight`` and ``log_sigma2`` parameters of one shape.
+    A subclass creates ``weight``, then calls :meth:`_create_variance_params`; it calls
+    :meth:`reset_variance_parameters` after every (re)initialisation or copy of
+    ``weight`` (the shared-α initial value depends on θ), and passes
+    :meth:`variance_log_sigma2` to the LRT in its training forward.
     """
 
-    def _init_sparsevd(self, threshold, log_sigma2_init, log_alpha_range):
+    def _init_sparsevd(self, threshold, log_sigma2_init, log_alpha_range, alpha="weight"):
         threshold = float(threshold)
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite number, got {threshold}")
@@ -33,24 +64,96 @@ class SparseVDModule(nn.Module):
         lo, hi = (float(v) for v in log_alpha_range)
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"log_alpha_range must be two finite numbers lo < hi, got {log_alpha_range}")
+        self.variant = _variant(alpha)
+        self._initial_fixed_alpha = float(alpha) if self.variant == "fixed" else None
         self.threshold = threshold
         self.log_sigma2_init = float(log_sigma2_init)
         self.log_alpha_range = (lo, hi)
 
     @property
-    def log_alpha(self):
-        """log α = clamp(log σ² − log(θ² + 1e-8)) per weight (no gradient)."""
+    def alpha(self):
+        """The ``alpha`` option: ``"weight"``, ``"unit"``, ``"layer"`` or the fixed α (read
+        from the buffer, so a loaded state dict's value)."""
+        if self.variant == "fixed":
+            return float(self.fixed_log_alpha.detach().reshape(-1)[0].double().exp())
+        return self.variant
+
+    def _create_variance_params(self, weight_shape, factory_kwargs):
+        """Create the variance parameter of this layer's variant for a weight of
+        ``weight_shape`` (``[out, in, *kernel]``): per weight, per output unit, per layer,
+        or a buffer holding the fixed log α.
+        """
+        shape = {
+            "weight": tuple(weight_shape),
+            "unit": (weight_shape[0],) + (1,) * (len(weight_shape) - 1),
+        }.get(self.variant, (1,) * len(weight_shape))
+        name = _VARIANCE_NAMES[self.variant]
+        if self.variant == "fixed":
+            value = torch.full(shape, math.log(self._initial_fixed_alpha), **factory_kwargs)
+            self.register_buffer(name, value)
+        else:
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+
+    def _raw_variance(self):
+        return getattr(self, _VARIANCE_NAMES[self.variant])
+
+    def reset_variance_parameters(self):
+        """log σ² = ``log_sigma2_init`` per weight; a learned shared log α starts where the
+        unit's (or layer's) mean θ² has that variance: log α = log_sigma2_init −
+        log(mean θ² + 1e-8), clamped to ``log_alpha_range``. A fixed α is left as is.
+        """
         with torch.no_grad():
-            return reference.log_alpha(self.weight, self.log_sigma2, self.log_alpha_range)
+            if self.variant == "weight":
+                self.log_sigma2.fill_(self.log_sigma2_init)
+            elif self.variant != "fixed":
+                raw = self._raw_variance()
+                w2 = self.weight.detach().to(raw.dtype) ** 2
+                dims = tuple(range(1 if self.variant == "unit" else 0, w2.dim()))
+                # the mean of an empty fan-in is taken as 0, like a zero weight
+                mean_w2 = w2.sum(dims, keepdim=True) / max(math.prod(w2.shape[d] for d in dims), 1)
+                raw.copy_(torch.clamp(self.log_sigma2_init - torch.log(mean_w2 + reference.EPS),
+                                      *self.log_alpha_range).expand(raw.shape))
+
+    def variance_log_sigma2(self):
+        """The per-weight log σ² the LRT samples with (differentiable): the parameter
+        itself for ``alpha="weight"``, else log α + log(θ² + 1e-8)."""
+        if self.variant == "weight":
+            return self.log_sigma2
+        return self._raw_variance() + torch.log(self.weight * self.weight + reference.EPS)
+
+    def _shared_log_alpha(self):
+        return torch.clamp(self._raw_variance(), *self.log_alpha_range)
+
+    @property
+    def log_alpha(self):
+        """log α = clamp(log σ² − log(θ² + 1e-8)) per weight, shape of ``weight`` (no gradient)."""
+        with torch.no_grad():
+            if self.variant == "weight":
+                return reference.log_alpha(self.weight, self.log_sigma2, self.log_alpha_range)
+            return self._shared_log_alpha().expand(self.weight.shape).contiguous()
 
     def mask(self):
         """Boolean mask of the weights kept at the current threshold (log α < threshold)."""
         with torch.no_grad():
-            return reference.prune_mask(self.weight, self.log_sigma2, self.threshold, self.log_alpha_range)
+            if self.variant == "weight":
+                return reference.prune_mask(self.weight, self.log_sigma2, self.threshold, self.log_alpha_range)
+            return (self._shared_log_alpha() < self.threshold).expand(self.weight.shape).contiguous()
 
     def kl(self):
-        """Σ KL(q‖p) over this layer's weights: a differentiable 0-dim float32 tensor."""
-        return F.kl_divergence(self.weight, self.log_sigma2, self.log_alpha_range)
+        """Σ KL(q‖p) over this layer's weights: a 0-dim float32 tensor (float64 for
+        float64 parameters), differentiable in the learned parameters.
+
+        Every weight contributes the KL of its own factor N(θ, α·θ²), so with a shared α
+        the layer's KL is the KL at that α times the number of weights sharing it (the
+        same Molchanov et al. approximation as per weight). A fixed α gives a constant.
+        """
+        if self.variant == "weight":
+            return F.kl_divergence(self.weight, self.log_sigma2, self.log_alpha_range)
+        raw = self._raw_variance()
+        acc = torch.float64 if raw.dtype == torch.float64 else torch.float32
+        per_alpha = reference.kl_from_log_alpha(torch.clamp(raw.to(acc), *self.log_alpha_range))
+        sharing = self.weight.numel() // raw.numel() if raw.numel() else 0
+        return per_alpha.sum() * sharing
 
     def kept_weights(self):
         """Number of weights that survive pruning."""
@@ -59,14 +162,29 @@ class SparseVDModule(nn.Module):
     def total_weights(self):
         return self.weight.numel()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Missing/unexpected keys alone would not say why; a variant's variance cannot be
+        # read as another's, so this is an error even with strict=False.
+        saved = [v for v, name in _VARIANCE_NAMES.items() if prefix + name in state_dict]
+        if saved and self.variant not in saved:
+            error_msgs.append(
+                f"{prefix.rstrip('.') or type(self).__name__}: the state dict holds a SparseVD layer with alpha "
+                f"variant {saved[0]!r}, but this layer has {self.variant!r}; build it with the same alpha to load "
+                f"it (or drop {prefix + _VARIANCE_NAMES[saved[0]]!r} to load θ and the bias only)"
+            )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
 
 class SparseVDLinear(SparseVDModule):
     """Drop-in replacement for :class:`torch.nn.Linear` trained with Sparse VD.
 
     Args match ``nn.Linear`` (inputs ``[*, in_features]``), plus
     ``threshold`` (prune where log α ≥ threshold, default 3.0), ``log_sigma2_init``
-    (initial log σ², default −10: start almost deterministic) and
-    ``log_alpha_range`` (clamp of log α, default (−10, 10)).
+    (initial log σ², default −10: start almost deterministic), ``log_alpha_range``
+    (clamp of log α, default (−10, 10)) and ``alpha`` (the variance variant:
+    ``"weight"``, ``"unit"``, ``"layer"`` or a fixed α; see the module docstring).
     """
 
     def __init__(
@@ -79,14 +197,15 @@ class SparseVDLinear(SparseVDModule):
         threshold=reference.THRESHOLD,
         log_sigma2_init=-10.0,
         log_alpha_range=reference.LOG_ALPHA_RANGE,
+        alpha="weight",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range)
+        self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range, alpha)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.log_sigma2 = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self._create_variance_params(self.weight.shape, factory)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -99,11 +218,11 @@ class SparseVDLinear(SparseVDModule):
         if self.bias is not None:
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
-        nn.init.constant_(self.log_sigma2, self.log_sigma2_init)
+        self.reset_variance_parameters()
 
     def forward(self, input):
         if self.training:
-            return F.lrt_linear(input, self.weight, self.log_sigma2, self.bias)
+            return F.lrt_linear(input, self.weight, self.variance_log_sigma2(), self.bias)
         return F.masked_linear(input, self.weight, self.mask(), self.bias)
 
     @classmethod
@@ -123,10 +242,12 @@ class SparseVDLinear(SparseVDModule):
             layer.weight.copy_(linear.weight)
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        layer.reset_variance_parameters()
         return layer
 
     def extra_repr(self):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, threshold={self.threshold}"
+            + ("" if self.variant == "weight" else f", alpha={self.alpha!r}")
         )

@@ -2,44 +2,60 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
+from .conv import _SparseVDConvNd
 from .layers import SparseVDModule
-from .sparse import SparseLinear
+from .shapes import output_positions
+from .sparse import SparseLinear, _SparseConvNd
 
 _INDEX_BYTES = 4  # int32 CSR indices
+_CONVS = (_SparseVDConvNd, _SparseConvNd, nn.Conv1d, nn.Conv2d)
 
 
-def _row(name, layer):
+def _row(name, layer, positions):
     if isinstance(layer, SparseVDModule):
         kept, total = layer.kept_weights(), layer.total_weights()
-        out_features, in_features = layer.weight.shape
-        element, kind = layer.weight.element_size(), type(layer).__name__
-    elif isinstance(layer, SparseLinear):
-        kept, total = layer.nnz, layer.in_features * layer.out_features
-        out_features, in_features = layer.out_features, layer.in_features
-        element, kind = layer.values.element_size(), "SparseLinear"
-    else:  # nn.Linear
+        shape, element, kind = tuple(layer.weight.shape), layer.weight.element_size(), type(layer).__name__
+    elif isinstance(layer, (SparseLinear, _SparseConvNd)):
+        gemm = layer if isinstance(layer, SparseLinear) else layer.gemm
+        kept, element, kind = layer.nnz, gemm.values.element_size(), type(layer).__name__
+        if isinstance(layer, SparseLinear):
+            shape = (layer.out_features, layer.in_features)
+        else:
+            shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+        total = math.prod(shape)
+    else:  # nn.Linear, nn.Conv*d
         kept, total = int((layer.weight != 0).sum()), layer.weight.numel()
-        out_features, in_features = layer.weight.shape
-        element, kind = layer.weight.element_size(), "Linear"
+        shape, element, kind = tuple(layer.weight.shape), layer.weight.element_size(), type(layer).__name__
+    # multiply-adds ×2 per example: once per output position for a convolution (None when
+    # the positions are unknown); dense bytes vs CSR (values + column + row pointers)
+    per_weight = 2 * positions.get(name, 0) if isinstance(layer, _CONVS) else 2
     return {
         "layer": name,
         "type": kind,
-        "shape": (out_features, in_features),
+        "shape": shape,
         "kept": kept,
         "total": total,
         "sparsity": 1 - kept / total if total else 0.0,
         "compression": total / kept if kept else float("inf"),
-        # multiply-adds ×2 per example; dense bytes vs CSR (values + column + row pointers)
-        "flops_dense": 2 * total,
-        "flops_sparse": 2 * kept,
+        "flops_dense": per_weight * total if per_weight else None,
+        "flops_sparse": per_weight * kept if per_weight else None,
         "bytes_dense": total * element,
-        "bytes_sparse": kept * (element + _INDEX_BYTES) + (out_features + 1) * _INDEX_BYTES,
+        "bytes_sparse": kept * (element + _INDEX_BYTES) + (shape[0] + 1) * _INDEX_BYTES,
     }
 
 
+def _sum(values):
+    values = list(values)
+    return None if None in values else sum(values)
+
+
 def _si(value):
+    if value is None:
+        return "n/a"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
             return f"{value / scale:.3g}{unit}"
@@ -60,7 +76,7 @@ class Report:
             "total": total,
             "sparsity": 1 - kept / total if total else 0.0,
             "compression": total / kept if kept else float("inf"),
-            **{k: sum(r[k] for r in rows) for k in ("flops_dense", "flops_sparse", "bytes_dense", "bytes_sparse")},
+            **{k: _sum(r[k] for r in rows) for k in ("flops_dense", "flops_sparse", "bytes_dense", "bytes_sparse")},
         }
 
     def to_dict(self):
@@ -83,17 +99,23 @@ class Report:
     __repr__ = __str__
 
 
-def report(model):
-    """Compression of every linear layer of ``model`` (SparseVD layers, SparseLinear, nn.Linear).
+def report(model, input_shape=None):
+    """Compression of every linear and convolution layer of ``model`` (SparseVD layers,
+    SparseLinear/SparseConv*d, nn.Linear/nn.Conv*d).
 
     kept/total weights, sparsity, |W|/|W≠0|, and per-example FLOPs and weight bytes as a
-    dense layer against the sparse form (CSR with int32 indices).
+    dense layer against the sparse form (CSR with int32 indices). A convolution's FLOPs
+    count its output positions, which depend on the input: pass ``input_shape``, one
+    example's shape without the batch (``(1, 28, 28)``, say); without it they are None
+    (and so is the total), the other columns are unaffected.
     """
-    rows = [
-        _row(name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, (SparseVDModule, SparseLinear, nn.Linear))
-    ]
-    if not rows:
-        raise ValueError(f"{type(model).__name__} has no linear layers to report on")
-    return Report(rows)
+    layers = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, (SparseVDModule, SparseLinear, nn.Linear, *_CONVS))]
+    # a SparseConv*d runs its CSR weight as a SparseLinear: one row, not two
+    inner = {id(m.gemm) for _, m in layers if isinstance(m, _SparseConvNd)}
+    layers = [(name, m) for name, m in layers if id(m) not in inner]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no linear layers or convolutions to report on")
+    has_conv = any(isinstance(m, _CONVS) for _, m in layers)
+    positions = output_positions(model, input_shape, _CONVS) if has_conv and input_shape is not None else {}
+    return Report([_row(name, m, positions) for name, m in layers])

@@ -1,13 +1,16 @@
-"""SparseLinear: the inference layer that stores a pruned weight in CSR and runs it with
-the SpMM kernels (``sparsevd.functional.csr_linear``)."""
+"""SparseLinear, SparseConv2d, SparseConv1d: inference layers that store a pruned weight in
+CSR and run it with the SpMM kernels (``sparsevd.functional.csr_linear``)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from . import functional as F
 from . import reference
+from .conv import explicit_padding
 
 #: Bumped whenever the saved layout of SparseLinear changes; loading another version fails.
 FORMAT_VERSION = 1
@@ -130,3 +133,99 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz} "
             f"({density:.2%} dense), bias={self.bias is not None}"
         )
+
+
+def _block_diagonal(weight, groups):
+    """A grouped convolution's weight [out, C / groups, *kernel] as one [out, C·∏kernel] matrix
+    over all of im2col's patch entries (channel-major, as ``F.unfold`` orders them)."""
+    out, per_group = weight.shape[0], weight[0].numel()
+    dense = weight.new_zeros(out, per_group * groups)
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows:(g + 1) * rows, g * per_group:(g + 1) * per_group] = weight[g * rows:(g + 1) * rows].flatten(1)
+    return dense
+
+
+class _SparseConvNd(nn.Module):
+    """A pruned convolution run as im2col + CSR SpMM: the input's patches (``F.unfold``,
+    [N·L, C·∏kernel] for L output positions) times the CSR weight [out, C·∏kernel]ᵀ, a
+    :class:`SparseLinear` (``.gemm``, so its state dict is checked the same way). A
+    grouped convolution is one block-diagonal CSR matrix. Inference only.
+    """
+
+    dims: int
+    dense_type: type
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode, gemm):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        self.kernel_size, self.stride, self.dilation = tuple(kernel_size), tuple(stride), tuple(dilation)
+        self.padding, self.padding_mode = padding, padding_mode
+        if gemm.in_features != in_channels * math.prod(self.kernel_size) or gemm.out_features != out_channels:
+            raise ValueError(
+                f"{type(self).__name__}: the CSR weight must be [{out_channels}, "
+                f"{in_channels * math.prod(self.kernel_size)}], got [{gemm.out_features}, {gemm.in_features}]"
+            )
+        self._pad = explicit_padding(padding, self.kernel_size, self.dilation)
+        self.gemm = gemm
+
+    @classmethod
+    def from_dense(cls, conv):
+        """From an ``nn.Conv*d`` whose zero weights are the pruned ones."""
+        if not isinstance(conv, cls.dense_type):
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects an nn.{cls.dense_type.__name__}, got {type(conv).__name__}"
+            )
+        weight = _block_diagonal(conv.weight.detach(), conv.groups)
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.padding_mode, SparseLinear.from_dense(weight, conv.bias))
+
+    @property
+    def nnz(self):
+        return self.gemm.nnz
+
+    def forward(self, input):
+        op = type(self).__name__
+        if input.dim() not in (self.dims + 1, self.dims + 2) or input.shape[-self.dims - 1] != self.in_channels:
+            raise ValueError(
+                f"{op}: expected input [batch, {self.in_channels}, {'L' if self.dims == 1 else 'H, W'}] "
+                f"(or without the batch), got shape {tuple(input.shape)}"
+            )
+        batched = input.dim() == self.dims + 2
+        x = input if batched else input.unsqueeze(0)
+        if any(self._pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = torch.nn.functional.pad(x, self._pad, mode=mode)
+        # a 1-d convolution is a 2-d one of height 1
+        lead = (1,) * (2 - self.dims)
+        spatial = lead + tuple(x.shape[2:])
+        kernel, stride, dilation = lead + self.kernel_size, lead + self.stride, lead + self.dilation
+        out_size = [(s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(spatial, kernel, stride, dilation)]
+        if min(out_size) < 1:
+            raise ValueError(f"{op}: input of spatial size {tuple(input.shape[-self.dims:])} is smaller than the kernel")
+        patches = torch.nn.functional.unfold(x.reshape(x.shape[0], x.shape[1], *spatial), kernel, dilation, 0, stride)
+        y = self.gemm(patches.transpose(1, 2))  # [N, L, out]
+        y = y.transpose(1, 2).reshape(x.shape[0], self.out_channels, *out_size[2 - self.dims:])
+        return y if batched else y.squeeze(0)
+
+    def extra_repr(self):
+        density = self.nnz / max(1, self.gemm.in_features * self.out_channels) * self.groups
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"padding_mode={self.padding_mode!r}, nnz={self.nnz} ({density:.2%} dense)"
+        )
+
+
+class SparseConv2d(_SparseConvNd):
+    """A pruned :class:`torch.nn.Conv2d` in CSR, run as im2col + SpMM; see ``sparsify``."""
+
+    dims = 2
+    dense_type = nn.Conv2d
+
+
+class SparseConv1d(_SparseConvNd):
+    """A pruned :class:`torch.nn.Conv1d` in CSR, run as im2col + SpMM; see ``sparsify``."""
+
+    dims = 1
+    dense_type = nn.Conv1d

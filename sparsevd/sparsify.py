@@ -1,22 +1,27 @@
 """sparsify(model): turn a trained SparseVD model into the fastest correct inference model.
 
 Each SparseVD layer becomes its masked weight in the form a cost model predicts to be
-fastest for the given batch size and device: CSR (:class:`SparseLinear`) or a dense
-``nn.Linear``. Before that, dead units are cut: output units whose weights are all
-pruned (their output is a constant, folded into the next layer's bias) and units whose
-outputs no later layer reads, shrinking the neighbouring layers of a Sequential.
+fastest for the given batch size and device: CSR (:class:`SparseLinear`,
+:class:`SparseConv2d`, :class:`SparseConv1d`) or a dense ``nn.Linear``/``nn.Conv*d``.
+Before that, dead units are cut: output units (convolution filters) whose weights are all
+pruned (their output is a constant, folded into the next layer's bias where that is
+exact) and units whose outputs no later layer reads, shrinking the neighbouring layers
+of a Sequential.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .conv import _SparseVDConvNd
 from .layers import SparseVDLinear
-from .sparse import SparseLinear
+from .shapes import output_positions
+from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 
 #: Modules that act on each feature separately (in eval mode), so a unit can be cut
 #: through them and a constant unit stays a constant.
@@ -24,6 +29,14 @@ ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
     nn.Softplus, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Identity, nn.Dropout,
 )
+#: Modules that act on each channel of a convolution's output separately (in eval mode),
+#: so a channel can be cut through them.
+CHANNELWISE = ELEMENTWISE + (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Dropout1d, nn.Dropout2d,
+)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+_SPARSE_CONV = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}
 
 
 @dataclass(frozen=True)
@@ -37,13 +50,16 @@ class DeviceCost:
     csr_overhead_s: float
     csr_bandwidth: float  # bytes/s streaming values + indices
     csr_rate: float  # useful flop/s of the SpMM
+    im2col_bandwidth: float = 1e9  # bytes/s of im2col patches (F.unfold + the copy the SpMM reads)
 
 
 # Fitted to 4096x4096 at 98% sparsity, batch 1-4096 (the cases that decide the choice):
 # CPU: this project's 2-core AMD EPYC CI machine, 2 threads; GPU: H100 80GB, torch 2.11.
 # Both sets of measurements are in bench/results/.
-CPU_COST = DeviceCost(3e-6, 21e9, 150e9, 150e9, 4e-6, 30e9, 42e9)
-CUDA_COST = DeviceCost(6e-6, 2.4e12, 50e12, 420e12, 3e-6, 0.8e12, 3.5e12)
+# im2col: CPU measured on the CI machine (0.3-1.3 GB/s of patches for LeNet-5-sized inputs,
+# against dense convolutions that never write patches); CUDA is an estimate, not measured.
+CPU_COST = DeviceCost(3e-6, 21e9, 150e9, 150e9, 4e-6, 30e9, 42e9, im2col_bandwidth=1e9)
+CUDA_COST = DeviceCost(6e-6, 2.4e12, 50e12, 420e12, 3e-6, 0.8e12, 3.5e12, im2col_bandwidth=0.5e12)
 
 
 @dataclass(frozen=True)
@@ -67,57 +83,139 @@ class CostModel:
         args = (out_features, in_features, nnz, batch, device_type, element_size)
         return "csr" if self.time("csr", *args) < self.time("dense", *args) else "dense"
 
+    def conv_time(self, form, weight_shape, groups, nnz, batch, positions, device_type, element_size=4):
+        """A convolution with weight ``[out, C / groups, *kernel]`` at ``positions`` output
+        positions per example, as the GEMM [batch·positions, C/groups·∏kernel] ×
+        [C/groups·∏kernel, out]. The CSR form first builds the im2col patches
+        ([batch·positions, C·∏kernel]) at ``im2col_bandwidth``, which the dense
+        convolution does not, so on CPU it pays only at very high sparsity and small inputs."""
+        out_channels, patch = weight_shape[0], math.prod(weight_shape[1:])
+        rows = batch * positions
+        time = self.time(form, out_channels, patch, nnz, rows, device_type, element_size)
+        if form == "csr":
+            c = self.cuda if device_type == "cuda" else self.cpu
+            time += rows * patch * groups * element_size / c.im2col_bandwidth
+        return time
+
+    def choose_conv(self, weight_shape, groups, nnz, batch, positions, device_type, element_size=4):
+        args = (weight_shape, groups, nnz, batch, positions, device_type, element_size)
+        return "csr" if self.conv_time("csr", *args) < self.conv_time("dense", *args) else "dense"
+
 
 def _masked_dense(layer):
-    """An nn.Linear holding θ ⊙ mask of a SparseVD layer (an exact eval-mode copy)."""
+    """The dense torch layer holding θ ⊙ mask of a SparseVD layer (an exact eval-mode copy)."""
     with torch.no_grad():
-        return _linear(layer.weight * layer.mask(), layer.bias, origin=True)
+        return _dense_like(layer, layer.weight * layer.mask(), layer.bias, origin=True)
 
 
 def _replace_sparsevd(module):
     for name, child in module.named_children():
-        if isinstance(child, SparseVDLinear):
+        if isinstance(child, (SparseVDLinear, _SparseVDConvNd)):
             setattr(module, name, _masked_dense(child))
         else:
             _replace_sparsevd(child)
 
 
-def _linear(weight, bias, origin):
+def _dense_like(layer, weight, bias, origin):
+    """An nn.Linear, or an nn.Conv*d with ``layer``'s geometry, holding ``weight`` and ``bias``."""
+    if isinstance(layer, (nn.Linear, SparseVDLinear)):
+        kind, args = nn.Linear, (weight.shape[1], weight.shape[0])
+    else:
+        kind = layer.dense_type if isinstance(layer, _SparseVDConvNd) else type(layer)
+        args = (weight.shape[1] * layer.groups, weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+                layer.dilation, layer.groups)
     # skip_init: the weights are overwritten at once, so don't draw random ones first
-    layer = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                                     device=weight.device, dtype=weight.dtype)
+    extra = {} if kind is nn.Linear else {"padding_mode": layer.padding_mode}
+    dense = torch.nn.utils.skip_init(kind, *args, bias=bias is not None, device=weight.device, dtype=weight.dtype,
+                                     **extra)
     with torch.no_grad():
-        layer.weight.copy_(weight)
+        dense.weight.copy_(weight)
         if bias is not None:
-            layer.bias.copy_(bias)
-    layer.sparsevd_origin = origin
-    return layer
+            dense.bias.copy_(bias)
+    dense.sparsevd_origin = origin
+    return dense
+
+
+def _preserves_constants(module):
+    """True if a channel that is one constant everywhere stays one constant through ``module``
+    (average pooling over zero padding does not: the borders average in zeros)."""
+    if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d)):
+        padding = module.padding if isinstance(module.padding, tuple) else (module.padding,)
+        padded = any(p != 0 for p in padding)
+        return not module.ceil_mode and not (padded and module.count_include_pad)
+    return True
+
+
+def _reads_constants_exactly(layer):
+    """True if a constant input channel adds one constant to every output of ``layer``:
+    a linear layer, or a convolution whose padding (if any) repeats the input's values."""
+    if isinstance(layer, nn.Linear) or layer.padding == "valid" or layer.padding_mode != "zeros":
+        return True
+    return layer.padding != "same" and not any(layer.padding)
+
+
+def _consumer_view(producer, consumer, channels):
+    """``consumer``'s weight as [out, channels, reads per channel]: what it reads of each of
+    ``producer``'s output channels (a Flatten between a convolution and a linear layer makes
+    each channel a contiguous block of features), or None if that cannot be said."""
+    w = consumer.weight.detach()
+    if isinstance(consumer, nn.Linear):
+        readable = w.shape[1] % channels == 0
+    else:  # a convolution reads a linear layer's units only after a reshape, which we don't follow
+        readable = not isinstance(producer, nn.Linear) and consumer.groups == 1
+    return w.reshape(w.shape[0], channels, -1) if readable else None
 
 
 def _shrink_pair(seq, i, j):
-    """Cut the dead units between Linear seq[i] and Linear seq[j] (elementwise modules
-    between them). Returns True if anything was cut."""
+    """Cut the dead output units (filters) of seq[i] that seq[j] reads (elementwise or
+    channelwise modules between them). Returns True if anything was cut."""
     a, b = seq[i], seq[j]
-    wa, wb = a.weight.detach(), b.weight.detach()
-    ba = a.bias.detach() if a.bias is not None else torch.zeros(wa.shape[0], dtype=wa.dtype, device=wa.device)
-    dead = (wa == 0).all(1)  # constant outputs: act(bias)
-    unused = (wb == 0).all(0)  # nothing downstream reads them
+    wa = a.weight.detach()
+    channels = wa.shape[0]
+    view = _consumer_view(a, b, channels)
+    if view is None:
+        return False
+    between = [seq[k] for k in range(i + 1, j)]
+    ba = a.bias.detach() if a.bias is not None else wa.new_zeros(channels)
+    dead = (wa.reshape(channels, -1) == 0).all(1)  # constant outputs: act(bias)
+    unused = (view == 0).all(2).all(0)  # nothing downstream reads them
+    if not (all(_preserves_constants(m) for m in between) and _reads_constants_exactly(b)):
+        dead = torch.zeros_like(dead)  # a constant channel would not stay constant: keep it
     cut = dead | unused
+    if bool(cut.all()):
+        cut[0] = False  # keep one (zero or constant) unit so that no layer has zero channels
     if not bool(cut.any()):
         return False
     keep = ~cut
     new_b_bias = b.bias.detach().clone() if b.bias is not None else None
-    fold = dead & ~unused
+    fold = cut & dead & ~unused
     if bool(fold.any()):
         constant = ba.clone()
         with torch.no_grad():
-            for k in range(i + 1, j):
-                constant = seq[k](constant)
-        shift = wb[:, fold] @ constant[fold]
+            for m in between:
+                if isinstance(m, ELEMENTWISE):  # pooling and flattening keep a constant
+                    constant = m(constant)
+        shift = view[:, fold].sum(2) @ constant[fold]
         new_b_bias = shift if new_b_bias is None else new_b_bias + shift
-    seq[i] = _linear(wa[keep], None if a.bias is None else ba[keep], getattr(a, "sparsevd_origin", False))
-    seq[j] = _linear(wb[:, keep], new_b_bias, getattr(b, "sparsevd_origin", False))
+    wb = view[:, keep].reshape(view.shape[0], -1) if isinstance(b, nn.Linear) else b.weight.detach()[:, keep]
+    seq[i] = _dense_like(a, wa[keep], None if a.bias is None else ba[keep], getattr(a, "sparsevd_origin", False))
+    seq[j] = _dense_like(b, wb, new_b_bias, getattr(b, "sparsevd_origin", False))
     return True
+
+
+def _pairable(seq, i, j):
+    """True if seq[j] reads seq[i]'s output units one for one through what lies between."""
+    a, between = seq[i], [seq[k] for k in range(i + 1, j)]
+    if isinstance(a, nn.Linear):
+        return all(isinstance(m, ELEMENTWISE) for m in between)
+    if a.groups != 1:
+        return False
+    if isinstance(seq[j], nn.Linear):  # a convolution's channels reach a linear layer only through a Flatten
+        flat = [m for m in between if isinstance(m, nn.Flatten)]
+        if len(flat) != 1 or between[-1] is not flat[0] or (flat[0].start_dim, flat[0].end_dim) != (1, -1):
+            return False
+        between = between[:-1]
+    return all(isinstance(m, CHANNELWISE) for m in between)
 
 
 def _shrink_sequentials(module):
@@ -128,30 +226,41 @@ def _shrink_sequentials(module):
     changed = True
     while changed:
         changed = False
-        linears = [k for k, m in enumerate(module) if isinstance(m, nn.Linear)]
-        for i, j in zip(linears, linears[1:]):
-            between = [module[k] for k in range(i + 1, j)]
-            if all(isinstance(m, ELEMENTWISE) for m in between):
+        layers = [k for k, m in enumerate(module) if isinstance(m, (nn.Linear, *_CONVS))]
+        for i, j in zip(layers, layers[1:]):
+            if _pairable(module, i, j):
                 changed |= _shrink_pair(module, i, j)
 
 
-def _choose_forms(module, batch_size, cost_model, device_type):
+def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix=""):
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear) and getattr(child, "sparsevd_origin", False):
+        full = prefix + name
+        if isinstance(child, (nn.Linear, *_CONVS)) and getattr(child, "sparsevd_origin", False):
             nnz = int((child.weight != 0).sum())
-            form = cost_model.choose(child.out_features, child.in_features, nnz, batch_size, device_type,
-                                     child.weight.element_size())
-            if form == "csr":
-                setattr(module, name, SparseLinear.from_dense(child.weight, child.bias))
+            size = child.weight.element_size()
+            if isinstance(child, nn.Linear):
+                form = cost_model.choose(child.out_features, child.in_features, nnz, batch_size, device_type, size)
+                if form == "csr":
+                    setattr(module, name, SparseLinear.from_dense(child.weight, child.bias))
+            elif full in positions:
+                form = cost_model.choose_conv(child.weight.shape, child.groups, nnz, batch_size, positions[full],
+                                              device_type, size)
+                if form == "csr":
+                    setattr(module, name, _SPARSE_CONV[type(child)].from_dense(child))
         else:
-            _choose_forms(child, batch_size, cost_model, device_type)
+            _choose_forms(child, batch_size, cost_model, device_type, positions, full + ".")
 
 
-def sparsify(model, batch_size=1, cost_model=None, shrink=True):
+def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
     """An inference copy of ``model`` (eval mode) with every SparseVD layer pruned and
-    replaced by a CSR :class:`SparseLinear` or a (smaller) dense ``nn.Linear``, whichever
+    replaced by a CSR layer (:class:`SparseLinear`, :class:`SparseConv2d`,
+    :class:`SparseConv1d`) or a (smaller) dense ``nn.Linear``/``nn.Conv*d``, whichever
     ``cost_model`` predicts faster at ``batch_size`` on the model's device. The result
     computes what ``model.eval()`` computes, up to float rounding. ``model`` is unchanged.
+
+    A convolution's cost depends on its number of output positions: pass ``input_shape``,
+    the shape of one example without the batch (``(1, 28, 28)``, say), to let the cost
+    model choose for convolutions; without it they stay dense (masked, dead filters cut).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -160,11 +269,12 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True):
     for p in inference.parameters():
         p.requires_grad_(False)
     _replace_sparsevd(inference)
+    positions = {} if input_shape is None else output_positions(inference, input_shape, _CONVS)
     if shrink:
         _shrink_sequentials(inference)
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    _choose_forms(inference, batch_size, cost_model, device_type)
+    _choose_forms(inference, batch_size, cost_model, device_type, positions)
     for m in inference.modules():
-        if isinstance(m, nn.Linear) and hasattr(m, "sparsevd_origin"):
+        if hasattr(m, "sparsevd_origin"):
             del m.sparsevd_origin
     return inference

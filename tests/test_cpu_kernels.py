@@ -444,6 +444,11 @@ _ISA_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_instruction_set_path(capability):
     """ATEN_CPU_CAPABILITY narrows the set the kernels pick (vec_math.h): run each path."""
+    widest = torch.backends.cpu.get_cpu_capability().lower()  # this process: not narrowed by the test
+    order = ["default", "avx2", "avx512"]
+    if widest in order and order.index(capability) > order.index(widest):
+        # forcing a wider set than the CPU has makes torch's own kernels die of SIGILL
+        pytest.skip(f"this CPU's widest instruction set is {widest}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
