@@ -10,8 +10,6 @@ convolution conv(x, θ ⊙ mask) + b. The math is :func:`sparsevd.reference.lrt_
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -195,22 +193,7 @@ class _SparseVDConvNd(SparseVDModule):
         self.padding_mode = padding_mode
         self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range, alpha)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
-        self._create_variance_params(self.weight.shape, factory)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # θ and b exactly as nn.Conv*d initializes them, so swapping layers keeps a recipe.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in = self.weight[0].numel()
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_variance_parameters()
+        self._create_parameters((out_channels, in_channels // groups, *self.kernel_size), bias, factory)
 
     def _padded(self, input):
         """The input padded by ``padding_mode`` and the padding left to the convolution."""

@@ -94,6 +94,26 @@ class SparseVDModule(nn.Module):
         else:
             self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
 
+    def _create_parameters(self, weight_shape, bias, factory_kwargs):
+        """``weight`` (θ) of ``weight_shape`` = [out, in, *kernel], the variance parameters
+        of the variant and ``bias`` ([out] or None), initialised by :meth:`reset_parameters`."""
+        self.weight = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
+        self._create_variance_params(self.weight.shape, factory_kwargs)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(weight_shape[0], **factory_kwargs))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # θ and b exactly as nn.Linear / nn.Conv*d initialize them, so swapping layers keeps a recipe.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = math.prod(self.weight.shape[1:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.reset_variance_parameters()
+
     def _raw_variance(self):
         return getattr(self, _VARIANCE_NAMES[self.variant])
 
@@ -204,21 +224,7 @@ class SparseVDLinear(SparseVDModule):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range, alpha)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self._create_variance_params(self.weight.shape, factory)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        # θ and b exactly as nn.Linear initializes them, so swapping layers keeps a recipe.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
-        self.reset_variance_parameters()
+        self._create_parameters((out_features, in_features), bias, factory)
 
     def forward(self, input):
         if self.training:

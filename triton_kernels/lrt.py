@@ -157,13 +157,18 @@ def _randn(seed, offs, WIDE: tl.constexpr):
         return tl.randn(seed, offs)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _noise_kernel(z_ptr, start, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit
+def _flat_offsets(WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK flat indices of a 1-D launch (int64 when WIDE)."""
     pid = tl.program_id(0)
     if WIDE:
-        local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        local = pid * BLOCK + tl.arange(0, BLOCK)
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _noise_kernel(z_ptr, start, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
+    local = _flat_offsets(WIDE, BLOCK)
     mask = local < numel
     z = _randn(seed, start + local, WIDE)
     tl.store(z_ptr + local, z, mask=mask)
@@ -174,11 +179,7 @@ def _sample_kernel(mu_ptr, v_ptr, y_ptr, s_ptr, numel, seed, FROM_VAR: tl.conste
                    BLOCK: tl.constexpr):
     # y = μ + s ⊙ z over contiguous tensors whose flat index is the noise offset; s is
     # sqrt(v + eps) (FROM_VAR, then stored to s_ptr) or read from s_ptr (v_ptr unused)
-    pid = tl.program_id(0)
-    if WIDE:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = _flat_offsets(WIDE, BLOCK)
     mask = offs < numel
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if FROM_VAR:
@@ -193,11 +194,7 @@ def _sample_kernel(mu_ptr, v_ptr, y_ptr, s_ptr, numel, seed, FROM_VAR: tl.conste
 @triton.jit(do_not_specialize=["seed"])
 def _half_noise_over_std_kernel(g_ptr, s_ptr, h_ptr, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
     # h = g ⊙ z / (2s) over contiguous tensors, z regenerated at the flat index
-    pid = tl.program_id(0)
-    if WIDE:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    offs = _flat_offsets(WIDE, BLOCK)
     mask = offs < numel
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     std = tl.load(s_ptr + offs, mask=mask, other=1.0).to(tl.float32)
