@@ -107,9 +107,11 @@ def test_reference_backend_gives_same_numbers(monkeypatch):
 
 
 @pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="extension sparsevd._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5)], ids=str)
-def test_opcheck(shape, device):
-    mean, var = _inputs(shape, torch.float32, device)
+def test_opcheck(shape, dtype, device):
+    mean, var = _inputs(shape, dtype, device)
+    mean, var = mean.transpose(0, 1), var.transpose(0, 1)  # outputs are contiguous all the same
     seed = torch.tensor(3, dtype=torch.int64)
     torch.library.opcheck(torch.ops.sparsevd.lrt_sample, (mean.requires_grad_(), var.requires_grad_(), seed))
     torch.library.opcheck(torch.ops.sparsevd.lrt_sample_backward, (mean.detach(), var.detach() + 1, seed))

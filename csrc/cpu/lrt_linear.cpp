@@ -427,8 +427,8 @@ std::tuple<at::Tensor, at::Tensor> lrt_sample_cpu(const at::Tensor& mean, const 
   check_same_layout(mean, var, "mean", "var", op);
   const auto z = sample_noise(mean, seed_value(seed, op));
   if (!fused_dtype(mean)) {  // float16 / bfloat16: the reference formula in ATen ops
-    const auto std_ = at::sqrt(var + kEpsDouble);
-    return {mean + std_ * z.to(mean.scalar_type()), std_};
+    const auto std_ = at::sqrt(var + kEpsDouble).contiguous();
+    return {(mean + std_ * z.to(mean.scalar_type())).contiguous(), std_};
   }
   auto y = mean.clone(at::MemoryFormat::Contiguous);
   auto s = var.clone(at::MemoryFormat::Contiguous);
@@ -441,7 +441,7 @@ at::Tensor lrt_sample_backward_cpu(const at::Tensor& grad, const at::Tensor& std
   constexpr const char* op = "lrt_sample_backward";
   check_same_layout(grad, std_in, "grad", "std", op);
   const auto z = sample_noise(grad, seed_value(seed, op));
-  if (!fused_dtype(grad)) return grad * z.to(grad.scalar_type()) / (2 * std_in);
+  if (!fused_dtype(grad)) return (grad * z.to(grad.scalar_type()) / (2 * std_in)).contiguous();
   return half_noise_over_std_of(grad.contiguous(), z, std_in.contiguous());
 }
 
