@@ -32,9 +32,11 @@ TORCH_LIBRARY(sparsevd, m) {
   m.def("lrt_sample_backward(Tensor grad, Tensor std, Tensor seed) -> Tensor");
   // The exact float32 noise, of mean's shape, that lrt_sample(mean, ..., seed) used.
   m.def("lrt_sample_noise(Tensor mean, Tensor seed) -> Tensor");
-  // y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices.
+  // y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices. row_order: an int32
+  // permutation of the N rows, the order in which the GPU kernel schedules them (longest
+  // first balances the load, as in Sputnik); it never changes the result.
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
-        "Tensor? bias) -> Tensor");
+        "Tensor? bias, Tensor? row_order=None) -> Tensor");
 }
 
 // The noise is a constant of the seed: nothing to differentiate.

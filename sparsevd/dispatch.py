@@ -138,8 +138,8 @@ def _kl_divergence_with_grad_reference(weight, log_sigma2, lo, hi):
     return kl.detach(), dw.contiguous(), ds.contiguous()
 
 
-def _csr_linear_reference(x, crow_indices, col_indices, values, bias):
-    return reference.csr_linear(x, crow_indices, col_indices, values, bias)
+def _csr_linear_reference(x, crow_indices, col_indices, values, bias, row_order=None):
+    return reference.csr_linear(x, crow_indices, col_indices, values, bias)  # the order only schedules
 
 
 # --- triton kernels (CUDA) ---------------------------------------------------------------

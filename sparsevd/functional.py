@@ -13,8 +13,9 @@ import torch
 from . import dispatch, ops, reference  # noqa: F401  (ops registers fakes and autograd)
 
 __all__ = [
-    "masked_linear",
-    "lrt_linear", "lrt_noise", "lrt_sample", "lrt_sample_noise", "kl_divergence", "csr_linear", "validate_csr", "log_alpha", "prune_mask"]
+    "masked_linear", "lrt_linear", "lrt_noise", "lrt_sample", "lrt_sample_noise", "kl_divergence",
+    "csr_linear", "validate_csr", "rows_by_length", "validate_row_order", "log_alpha", "prune_mask",
+]
 
 log_alpha = reference.log_alpha
 prune_mask = reference.prune_mask
@@ -212,13 +213,16 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE)
     return reference.kl_divergence(weight, log_sigma2, (lo, hi))
 
 
-def csr_linear(input, crow_indices, col_indices, values, bias=None, *, validate=True):
+def csr_linear(input, crow_indices, col_indices, values, bias=None, *, row_order=None, validate=True):
     """y = x W_csrᵀ + b, W [out_features, in_features] in CSR with int32 indices.
 
-    ``in_features`` is ``input.shape[-1]``. The kernels trust the structure (an index out
-    of range would read outside x), so by default every call runs :func:`validate_csr`
-    first; owners of a structure checked once (``SparseLinear`` checks at construction
-    and load) pass ``validate=False`` and skip its O(nnz) cost.
+    ``in_features`` is ``input.shape[-1]``. ``row_order`` (optional, int32 [out_features]):
+    a permutation of the rows, the order in which the GPU kernel schedules them; rows by
+    decreasing length (:func:`rows_by_length`) balance the load. It never changes the
+    result. The kernels trust the structure (an index out of range would read outside
+    x), so by default every call runs :func:`validate_csr` first; owners of a structure
+    checked once (``SparseLinear`` checks at construction and load) pass
+    ``validate=False`` and skip its O(nnz) cost.
     """
     op = "csr_linear"
     _check_tensor("values", values, op)
@@ -235,12 +239,33 @@ def csr_linear(input, crow_indices, col_indices, values, bias=None, *, validate=
     _check_input(op, input, input.shape[-1] if input.dim() else -1, values, bias, out_features)
     if validate:
         validate_csr(crow_indices, col_indices, values, (out_features, input.shape[-1]))
+        if row_order is not None:
+            validate_row_order(row_order, out_features, values.device)
     x = _as_2d(input)
     if dispatch.use_ops():
-        y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias)
+        y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias, row_order)
     else:
         y = reference.csr_linear(x, crow_indices, col_indices, values, bias)
     return y.reshape(*input.shape[:-1], out_features)
+
+
+def rows_by_length(crow_indices):
+    """The int32 permutation of a CSR matrix's rows by decreasing length (ties in row
+    order): the schedule that balances the GPU SpMM's load, as in Sputnik."""
+    lengths = crow_indices[1:] - crow_indices[:-1]
+    return torch.sort(lengths, descending=True, stable=True).indices.to(torch.int32)
+
+
+def validate_row_order(row_order, rows, device):
+    """Check once that ``row_order`` is an int32 permutation of ``rows`` rows on ``device``."""
+    if not isinstance(row_order, torch.Tensor) or row_order.dtype != torch.int32 or row_order.dim() != 1:
+        raise ValueError("row_order must be a 1-D int32 tensor")
+    if row_order.device != device:
+        raise ValueError(f"row_order is on {row_order.device} but the CSR values are on {device}")
+    if row_order.numel() != rows or not torch.equal(
+        torch.sort(row_order.long()).values, torch.arange(rows, device=row_order.device)
+    ):
+        raise ValueError(f"row_order must be a permutation of the {rows} rows")
 
 
 def validate_csr(crow_indices, col_indices, values, shape):

@@ -141,11 +141,11 @@ if dispatch.HAS_EXTENSION:
     torch.library.register_autograd("sparsevd::lrt_sample", _sample_backward, setup_context=_sample_setup)
 
     @torch.library.register_fake("sparsevd::csr_linear")
-    def _(x, crow_indices, col_indices, values, bias):
+    def _(x, crow_indices, col_indices, values, bias, row_order=None):
         return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
 
     def _csr_setup(ctx, inputs, output):
-        x, crow_indices, col_indices, values, bias = inputs
+        x, crow_indices, col_indices, values, bias, _row_order = inputs
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, crow_indices, col_indices, values)
 
@@ -166,6 +166,6 @@ if dispatch.HAS_EXTENSION:
             )
             dvalues = (grad.t() @ x)[rows, col_indices.long()]
         db = grad.sum(0) if ctx.has_bias and need[4] else None
-        return dx, None, None, dvalues, db
+        return dx, None, None, dvalues, db, None
 
     torch.library.register_autograd("sparsevd::csr_linear", _csr_backward, setup_context=_csr_setup)

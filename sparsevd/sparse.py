@@ -48,6 +48,8 @@ class SparseLinear(nn.Module):
         self.register_buffer("crow_indices", crow_indices)
         self.register_buffer("col_indices", col_indices)
         self.register_buffer("values", values)
+        # derived from the structure, so not saved: rebuilt on load
+        self.register_buffer("row_order", F.rows_by_length(crow_indices), persistent=False)
         # Stored as a tensor so it survives any way of saving a state dict.
         self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.int32))
         if bias is not None:
@@ -87,7 +89,8 @@ class SparseLinear(nn.Module):
                 f"SparseLinear: expected input of shape [*, {self.in_features}], got {tuple(input.shape)}"
             )
         # validated once, at construction and load
-        return F.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias, validate=False)
+        return F.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias,
+                            row_order=self.row_order, validate=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         saved = state_dict.get(prefix + "format_version")
@@ -113,6 +116,7 @@ class SparseLinear(nn.Module):
             return
         for name, tensor in loaded.items():
             setattr(self, name, tensor.to(self._buffers[name].device))
+        self.row_order = F.rows_by_length(self.crow_indices)
         bias_key = prefix + "bias"
         if self.bias is not None:
             if bias_key not in state_dict:

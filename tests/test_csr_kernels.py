@@ -259,3 +259,45 @@ def test_cuda_current_stream_and_device():
         got = csr_linear(x, crow, col, values, None)
     torch.cuda.current_stream().wait_stream(stream)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 5, 70])
+@pytest.mark.parametrize("pattern", ["random", "empty_rows", "full_row"])
+def test_row_order_only_schedules(device, batch, pattern):
+    # the same sums per row in any schedule: bit-identical outputs
+    dense = make_weight(67, 45, pattern, density=0.2)
+    crow, col, values = to_csr(dense, torch.float32, device)
+    x = torch.randn(batch, 45, device=device)
+    b = torch.randn(67, device=device)
+    order = sparsevd.functional.rows_by_length(crow)
+    lengths = (crow[1:] - crow[:-1])[order.long()]
+    assert bool((lengths[:-1] >= lengths[1:]).all())
+    reverse = torch.arange(66, -1, -1, dtype=torch.int32, device=device)
+    want = csr_linear(x, crow, col, values, b)
+    for row_order in (order, reverse):
+        torch.testing.assert_close(csr_linear(x, crow, col, values, b, row_order), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_row_order(device):
+    dense = make_weight(4, 6, "random", density=0.5)
+    crow, col, values = to_csr(dense, torch.float32, device)
+    x = torch.randn(3, 6, device=device)
+    order = torch.arange(4, dtype=torch.int32, device=device)
+    for bad, message in [(order.long(), "row_order must be a 1-D int32"), (order[:3], "row_order must be a 1-D int32"),
+                         (order.view(2, 2), "row_order must be a 1-D int32")]:
+        with pytest.raises(RuntimeError, match=message):
+            csr_linear(x, crow, col, values, None, bad)
+    with pytest.raises(ValueError, match="permutation"):
+        sparsevd.functional.csr_linear(x, crow, col, values, row_order=torch.tensor([0, 0, 1, 2], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="1-D int32"):
+        sparsevd.functional.csr_linear(x, crow, col, values, row_order=order.long())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_row_order_device_mismatch():
+    dense = make_weight(4, 6, "random", density=0.5)
+    crow, col, values = to_csr(dense, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match="row_order must be on the same device"):
+        csr_linear(torch.randn(3, 6, device="cuda"), crow, col, values, None, torch.arange(4, dtype=torch.int32))

@@ -55,6 +55,7 @@ def test_opcheck_csr_linear(bias, device):
     b = torch.randn(11, device=device, requires_grad=True) if bias else None
     args = (x, csr.crow_indices().int(), csr.col_indices().int(), values, b)
     torch.library.opcheck(ops.csr_linear, args)
+    torch.library.opcheck(ops.csr_linear, args + (F.rows_by_length(args[1]),))
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)

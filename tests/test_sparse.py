@@ -199,3 +199,15 @@ def test_functional_csr_linear_rejects_non_finite_values():
     col = torch.tensor([2], dtype=torch.int32)
     with pytest.raises(ValueError, match="NaN or Inf"):
         sparsevd.functional.csr_linear(torch.randn(2, 4), crow, col, torch.tensor([float("nan")]))
+
+
+def test_sparse_linear_schedules_rows_by_length_and_rebuilds_it_on_load():
+    dense = torch.randn(9, 7) * (torch.rand(9, 7) < 0.4)
+    layer = sparsevd.SparseLinear.from_dense(dense)
+    assert torch.equal(layer.row_order, sparsevd.functional.rows_by_length(layer.crow_indices))
+    assert "row_order" not in layer.state_dict()  # derived, not saved
+    other = sparsevd.SparseLinear.from_dense(torch.randn(9, 7) * (torch.rand(9, 7) < 0.7))
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.row_order, layer.row_order)
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(other(x), x @ dense.t())

@@ -68,7 +68,8 @@ namespace sparsevd {
 // O(1) checks on shapes, dtypes and devices. Returns N, the number of output features.
 int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indices,
                               const at::Tensor& col_indices, const at::Tensor& values,
-                              const std::optional<at::Tensor>& bias) {
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& row_order) {
   constexpr const char* op = "sparsevd::csr_linear";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
   TORCH_CHECK(crow_indices.dim() == 1, op, ": crow_indices must be 1-D [N + 1], got shape ",
@@ -113,6 +114,16 @@ int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indice
                 "crow_indices.numel() - 1 = ", n, "), got shape ", b.sizes());
     TORCH_CHECK(b.scalar_type() == dtype, op, ": bias must have the dtype of x (", dtype,
                 "), got ", b.scalar_type());
+  }
+  if (row_order.has_value() && row_order->defined()) {
+    // That it is a permutation is checked once by its owner (functional.csr_linear,
+    // SparseLinear), like the CSR structure: an O(N) pass per call would cost a launch.
+    const auto& r = *row_order;
+    TORCH_CHECK(r.dim() == 1 && r.numel() == n && r.scalar_type() == at::kInt, op,
+                ": row_order must be a 1-D int32 permutation of the N = ", n, " rows, got ",
+                r.scalar_type(), " of shape ", r.sizes());
+    TORCH_CHECK(r.device() == device, op, ": row_order must be on the same device as x, got ",
+                r.device(), " and x on ", device);
   }
   return n;
 }
@@ -498,8 +509,11 @@ void csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const at::
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices,
                           const at::Tensor& col_indices, const at::Tensor& values,
-                          const std::optional<at::Tensor>& bias) {
-  const int64_t N = csr_linear_check_args(x, crow_indices, col_indices, values, bias);
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& row_order) {
+  // row_order only schedules GPU thread blocks; this kernel balances its threads by
+  // splitting rows and non-zeros evenly (see the partition above).
+  const int64_t N = csr_linear_check_args(x, crow_indices, col_indices, values, bias, row_order);
   TORCH_CHECK(x.device().is_cpu(), "sparsevd::csr_linear: the CPU kernel got x on ",
               x.device());
   const int64_t M = x.size(0);

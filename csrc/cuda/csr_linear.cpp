@@ -16,7 +16,8 @@ namespace sparsevd {
 // Defined in csrc/cpu/csr_linear.cpp (always built): the O(1) checks shared by devices.
 int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indices,
                               const at::Tensor& col_indices, const at::Tensor& values,
-                              const std::optional<at::Tensor>& bias);
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& row_order);
 
 namespace {
 
@@ -35,8 +36,9 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices,
                            const at::Tensor& col_indices, const at::Tensor& values,
-                           const std::optional<at::Tensor>& bias) {
-  const int64_t N = csr_linear_check_args(x, crow_indices, col_indices, values, bias);
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& row_order) {
+  const int64_t N = csr_linear_check_args(x, crow_indices, col_indices, values, bias, row_order);
   TORCH_CHECK(x.is_cuda(), "sparsevd::csr_linear: the CUDA kernel got x on ", x.device());
   const cuda::DType dtype = to_kernel_dtype(x.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -54,9 +56,11 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices,
   const at::Tensor crow = crow_indices.contiguous();
   const at::Tensor col = col_indices.contiguous();
   const at::Tensor val = values.contiguous();
+  const bool has_order = row_order.has_value() && row_order->defined();
+  const at::Tensor order = has_order ? row_order->contiguous() : at::Tensor();
   cuda::CsrArgs w{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
                   val.const_data_ptr(), has_bias ? b.const_data_ptr() : nullptr,
-                  /*row_perm=*/nullptr, N, nnz};
+                  has_order ? order.const_data_ptr<int32_t>() : nullptr, N, nnz};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   if (cuda::use_small_m(M, N)) {

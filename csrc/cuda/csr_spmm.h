@@ -23,8 +23,7 @@ struct CsrArgs {
   const void* bias;         // [N] or nullptr
   // [N] a permutation of 0..N-1: the order in which rows are scheduled (rows sorted by
   // decreasing length balance the load, as in Sputnik), or nullptr for natural order.
-  // Computed once by the caller; sparsevd::csr_linear's schema has no such argument
-  // yet, so the op passes nullptr.
+  // Computed once by the caller (SparseLinear keeps it beside the CSR buffers).
   const int32_t* row_perm;
   int64_t N;
   int64_t nnz;
