@@ -7,44 +7,30 @@ import argparse
 import time
 
 import torch
-from torch import nn
 
 import sparsevd
 from sparsevd.datasets import mnist_5k, train_test_split
-
-
-def lenet_300_100(linear):
-    return nn.Sequential(linear(784, 300), nn.ReLU(), linear(300, 100), nn.ReLU(), linear(100, 10))
-
-
-def accuracy(model, x, y):
-    model.eval()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+from sparsevd.models import lenet_300_100
+from sparsevd.train import error_rate, make_loss, train_epoch
 
 
 def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, log=print):
     """Adam with the SGVLB loss (plain cross-entropy when the model has no SparseVD layer)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=epochs)
-    bayesian = bool(sparsevd.sparsevd_modules(model))
-    loss_fn = sparsevd.SGVLBLoss(model, dataset_size=len(y)) if bayesian else nn.CrossEntropyLoss()
+    loss_fn = make_loss(model, len(y))
     for epoch in range(epochs):
-        model.train()
         kl_weight = warmup(epoch) if warmup else 1.0
-        order = torch.randperm(len(y))
-        for start in range(0, len(y), batch_size):
-            idx = order[start : start + batch_size]
-            out = model(x[idx])
-            loss = loss_fn(out, y[idx], kl_weight) if bayesian else loss_fn(out, y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        loss, _ = train_epoch(model, optimizer, loss_fn, x, y, batch_size, kl_weight)
         scheduler.step()
-        if bayesian and (epoch + 1) % 10 == 0:
+        if sparsevd.sparsevd_modules(model) and (epoch + 1) % 10 == 0:
             kept, total = sparsevd.compression(model)
-            log(f"  epoch {epoch + 1:3d}  loss {loss.item():.3f}  kl_weight {kl_weight:.2f}  kept {kept}/{total}")
+            log(f"  epoch {epoch + 1:3d}  loss {loss:.3f}  kl_weight {kl_weight:.2f}  kept {kept}/{total}")
     return model
+
+
+def accuracy(model, x, y):
+    return 1 - error_rate(model, x, y) / 100
 
 
 def main(argv=None):
@@ -58,11 +44,11 @@ def main(argv=None):
     print(f"MNIST-5k: {len(train_y)} train / {len(test_y)} test images; {sparsevd.dispatch.describe().splitlines()[0]}")
 
     t0 = time.perf_counter()
-    dense = train(lenet_300_100(nn.Linear), train_x, train_y, args.epochs)
+    dense = train(lenet_300_100(bayesian=False), train_x, train_y, args.epochs)
     print(f"dense LeNet-300-100: test accuracy {accuracy(dense, test_x, test_y):.2%} ({time.perf_counter() - t0:.0f} s)")
 
     t0 = time.perf_counter()
-    model = lenet_300_100(sparsevd.SparseVDLinear)
+    model = lenet_300_100(bayesian=True)
     warmup = sparsevd.KLWarmup(start=args.epochs // 12, end=args.epochs // 3)
     train(model, train_x, train_y, args.epochs, warmup=warmup)
     print(f"SparseVD LeNet-300-100: test accuracy {accuracy(model, test_x, test_y):.2%} ({time.perf_counter() - t0:.0f} s)")

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd.demo import accuracy, lenet_300_100, train
+from sparsevd.demo import accuracy, train
+from sparsevd.models import lenet_300_100
 
 
 def _mlp():
@@ -55,7 +56,7 @@ def test_short_training_run_learns_and_prunes():
     torch.manual_seed(0)
     images, labels = mnist_5k()
     train_x, train_y, test_x, test_y = train_test_split(images[::2], labels[::2], seed=0)
-    model = lenet_300_100(sparsevd.SparseVDLinear)
+    model = lenet_300_100(bayesian=True)
     train(model, train_x, train_y, epochs=10, lr=2e-3, warmup=sparsevd.KLWarmup(1, 8), log=lambda _: None)
     kept, total = sparsevd.compression(model)
     acc = accuracy(model, test_x, test_y)

