@@ -191,6 +191,8 @@ def _lrt_sample_backward_triton(grad, std, seed):
 
 
 def _sample_noise_triton(mean, seed):
+    if mean.dtype not in _TRITON_DTYPES:  # what _lrt_sample_triton used for this dtype
+        return _sample_noise_reference(mean, seed)
     from .triton_kernels import lrt
 
     return lrt.lrt_noise(1, mean.numel(), int(seed), mean.device).view(mean.shape)
