@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -82,6 +83,7 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel tests compile and run every kernel")
 def test_every_triton_kernel_compiles_for_sm90():
     done = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
