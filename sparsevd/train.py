@@ -475,7 +475,8 @@ def finish(c, command, model, data, data_name, history, snapshots, log):
         for _, m in sparsevd.sparsevd_modules(model):
             m.threshold = threshold
     model.eval()
-    rep = sparsevd.report(model) if bayesian else None
+    # the example shape lets the report count the convolutions' FLOPs per output position
+    rep = sparsevd.report(model, input_shape=tuple(data["test_x"].shape[1:])) if bayesian else None
     summary = {
         "network": NETWORK_NAMES[c.model], "model": c.model, "method": c.method, "dataset": data_name,
         "random_labels": c.random_labels, "epochs": c.epochs, "epochs_done": len(history),
