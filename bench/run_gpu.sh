@@ -5,7 +5,8 @@
 #
 #   bench/run_gpu.sh [STAGE ...]      (default: build test lrt kl)
 #
-# Stages: build; test (the whole suite, GPU cases included); lrt, kl, csr, conv (one
+# Stages: build; test (the whole suite, GPU cases included; extra pytest arguments in
+# $TEST_ARGS, default `-n 8` since the GPU image has pytest-xdist); lrt, kl, csr, conv (one
 # benchmark file each, bench/bench_<stage>.py); quick (smaller benchmark grids). One
 # device call is limited to 10 minutes: a fresh machine fits `build test` in one call and
 # the benchmark stages in the next ones (a warm machine keeps the build). Each stage is
@@ -30,7 +31,7 @@ if [[ $stages == *" build "* ]]; then
 fi
 python3 -c "import sparsevd; print(sparsevd.dispatch.describe())" | tee -a "$out/device.txt"
 if [[ $stages == *" test "* ]]; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -ra -p no:cacheprovider --durations=15 \
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest tests -q -ra -p no:cacheprovider --durations=15 ${TEST_ARGS:--n 8} \
     2>&1 | tee "$out/tests.log" | tail -30
   status=${PIPESTATUS[0]}
 fi
