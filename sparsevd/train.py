@@ -7,7 +7,9 @@ Defaults follow the authors' recipe: Adam 1e-3, batch 100, 200 epochs, kl_weight
 first 5 epochs and linear to 1 at epoch 20 (scaled with --epochs), and a linear lr decay
 (here to 0.1 × lr). A validation split held out of the training data chooses the pruning
 threshold; the test split gives the final number only. Every epoch writes a checkpoint to
-the output directory, and ``--resume`` continues from it.
+the output directory, and ``--resume`` continues from it. ``--init-from`` starts SparseVD
+from a finished dense run instead of from scratch (the authors' recipe for pretrained
+networks: θ from the dense weights, log σ² = --init-log-sigma2).
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ CHECKPOINT_FORMAT = "sparsevd.train checkpoint v1"
 NETWORK_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}
 #: Settings that define a run: a checkpoint resumes only the run that wrote it.
 RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size", "lr", "lr_end", "kl_warmup",
-                "seed", "val_fraction", "train_size", "random_labels")
+                "seed", "val_fraction", "train_size", "random_labels", "init_from", "init_log_sigma2")
+#: Settings a --init-from dense run must share with this one: the same network, and the
+#: same data and validation split, so the threshold is never chosen on images it trained on.
+INIT_SETTINGS = ("model", "dataset", "data_dir", "val_fraction", "random_labels")
 #: Thresholds on log α of the validation curve (the paper's default, 3, among them).
 THRESHOLDS = [t / 4 for t in range(-8, 33)]
 #: The 100×100 patch of the first fully-connected layer that the weight plots follow.
@@ -84,6 +89,12 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output directory (default runs/<model>-<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--init-from", metavar="RUN_DIR",
+                   help="start from the dense network trained in RUN_DIR (same --model and data) instead of "
+                        "from scratch")
+    p.add_argument("--init-log-sigma2", type=float, default=None,
+                   help="log σ² of every weight at the start with --init-from (default -10, the authors' "
+                        "value for pretrained networks)")
     p.add_argument("--compare-dense", metavar="RUN_DIR",
                    help="a finished dense run whose row joins this run's results table")
     p.add_argument("--samples", type=int, default=20, help="stochastic passes for the uncertainty summary")
@@ -112,6 +123,16 @@ def _check_config(c):
             raise ValueError(f"--threshold must be a number or 'auto', got {c.threshold!r}") from None
         if not math.isfinite(threshold):
             raise ValueError(f"--threshold must be finite, got {c.threshold}")
+    if c.init_from is not None:
+        if c.method != "sparsevd":
+            raise ValueError("--init-from starts a SparseVD run from a dense one: use it with --method sparsevd")
+        c.init_from = os.path.abspath(c.init_from)
+        if c.init_log_sigma2 is None:
+            c.init_log_sigma2 = -10.0
+        if not math.isfinite(c.init_log_sigma2):
+            raise ValueError(f"--init-log-sigma2 must be finite, got {c.init_log_sigma2}")
+    elif c.init_log_sigma2 is not None:
+        raise ValueError("--init-log-sigma2 applies only with --init-from")
     if c.kl_warmup is None:
         c.kl_warmup = [c.epochs * 5 / 200, c.epochs * 20 / 200]
     sparsevd.KLWarmup(*c.kl_warmup)  # validates
@@ -285,6 +306,34 @@ def load_checkpoint(path, config, device):
     return state
 
 
+def load_pretrained(c, device):
+    """The dense network of the run in ``c.init_from`` as a state dict of a SparseVD model
+    (``sparsevd.convert`` of it), after checking that run fits this one."""
+    path = os.path.join(c.init_from, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--init-from: no checkpoint {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise CheckpointError(f"--init-from: {path} is corrupt or not a checkpoint "
+                              f"({type(error).__name__}: {error})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--init-from: {path} is not a {CHECKPOINT_FORMAT} file")
+    saved = state["config"]
+    if saved.get("method") != "dense":
+        raise CheckpointError(f"--init-from: {path} is a {saved.get('method')} run; it must be a dense one")
+    differ = [f"{k}: {saved.get(k)!r} there, {getattr(c, k)!r} here" for k in INIT_SETTINGS
+              if saved.get(k) != getattr(c, k)]
+    if differ:
+        raise CheckpointError(f"--init-from: {path} was trained on another network or data ({'; '.join(differ)})")
+    dense = MODELS[c.model](bayesian=False).to(device)
+    try:
+        dense.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"--init-from: {path} does not fit {NETWORK_NAMES[c.model]}: {error}") from None
+    return sparsevd.convert(dense, log_sigma2_init=c.init_log_sigma2).state_dict(), state["epoch"]
+
+
 class _TqdmHandler(logging.Handler):
     def emit(self, record):
         tqdm.write(self.format(record), file=sys.stderr)
@@ -316,6 +365,8 @@ def run(argv=None):
             read_summary(c.compare_dense)  # now rather than after hours of training
     except ValueError as error:
         parser.error(str(error))
+    device = torch.device(c.device)
+    pretrained = load_pretrained(c, device) if c.init_from and not c.resume else None
     config = dict(vars(c))
     config["command"] = shlex.join(["python", "-m", "sparsevd.train"] + list(sys.argv[1:] if argv is None else argv))
     os.makedirs(c.out, exist_ok=True)
@@ -323,11 +374,12 @@ def run(argv=None):
     if not c.resume and os.path.exists(ckpt_path):
         raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     log = _logger(c.out)
-    device = torch.device(c.device)
 
     data_name, data = load_data(c)
     torch.manual_seed(c.seed)
     model = MODELS[c.model](bayesian=c.method == "sparsevd").to(device)
+    if pretrained is not None:
+        model.load_state_dict(pretrained[0])
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, c.lr_end, total_iters=max(c.epochs - 1, 1))
     loss_fn = make_loss(model, len(data["train_y"]))
@@ -353,6 +405,9 @@ def run(argv=None):
         log.info(f"{NETWORK_NAMES[c.model]} {c.method} on {data_name}: {len(data['train_y'])} train / "
                  f"{len(data['val_y'])} validation / {len(data['test_y'])} test images"
                  + (" (random training labels)" if c.random_labels else "") + f"; device {device}")
+        if pretrained is not None:
+            log.info(f"initialised from the dense network of {c.init_from} (epoch {pretrained[1]}), "
+                     f"log σ² = {c.init_log_sigma2}")
 
     def record_snapshot(epoch):
         snapshots["epochs"].append(epoch)

@@ -270,3 +270,51 @@ def test_bad_checkpoints_are_reported_not_loaded(tmp_path, monkeypatch, no_finis
     path.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="corrupt or not a checkpoint"):
         train.main(flags + ["--resume"])
+
+
+@pytest.mark.filterwarnings("ignore:convert. with log_sigma2_init")  # -9 prunes a few of the tiny net's weights
+def test_init_from_a_dense_run_starts_from_its_weights(tmp_path, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    data = ["--data-dir", str(root), "--batch-size", "50"]
+    dense_out, out = tmp_path / "dense", tmp_path / "sparsevd"
+    train.run(_args(dense_out, *data, "--method", "dense", "--epochs", "2"))
+    dense = torch.load(dense_out / train.CHECKPOINT, weights_only=True)["model"]
+
+    config = train.build_parser().parse_args(_args(out, *data, "--init-from", str(dense_out)))
+    state, epoch = train.load_pretrained(train._check_config(config), torch.device("cpu"))
+    assert epoch == 2 and config.init_log_sigma2 == -10.0
+    for name in ("1", "3", "5"):
+        assert torch.equal(state[f"{name}.weight"], dense[f"{name}.weight"])
+        assert torch.equal(state[f"{name}.bias"], dense[f"{name}.bias"])
+        assert torch.all(state[f"{name}.log_sigma2"] == -10.0)
+
+    train.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--init-log-sigma2", "-9"))
+    log = (out / "train.log").read_text()
+    assert f"initialised from the dense network of {dense_out} (epoch 2), log σ² = -9.0" in log
+    with pytest.raises(train.CheckpointError, match=r"different run \(init_log_sigma2: checkpoint -9.0, now -10.0"):
+        train.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--resume"))
+
+
+def test_bad_init_from_is_reported(tmp_path, capsys, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    data = ["--data-dir", str(root), "--batch-size", "50", "--epochs", "1"]
+    dense_out, svd_out = tmp_path / "dense", tmp_path / "svd"
+    train.run(_args(dense_out, *data, "--method", "dense"))
+    train.run(_args(svd_out, *data))
+    for flags, message in [(["--method", "dense", "--init-from", str(dense_out)], "use it with --method sparsevd"),
+                           (["--init-log-sigma2", "-8"], "applies only with --init-from"),
+                           (["--init-from", str(dense_out), "--init-log-sigma2", "inf"], "must be finite")]:
+        with pytest.raises(SystemExit):
+            train.run(_args(tmp_path / "new", *data, *flags))
+        assert message in capsys.readouterr().err
+    for source, extra, message in [
+        (tmp_path / "nowhere", [], "--init-from: no checkpoint"),
+        (svd_out, [], "is a sparsevd run; it must be a dense one"),
+        (dense_out, ["--val-fraction", "0.2"], r"another network or data \(val_fraction: 0.1 there, 0.2 here"),
+        (dense_out, ["--model", "lenet5"], r"another network or data \(model: 'lenet300' there, 'lenet5' here"),
+    ]:
+        with pytest.raises(train.CheckpointError, match=message):
+            train.run(_args(tmp_path / "new", *data, *extra, "--init-from", str(source)))
+    (dense_out / train.CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(train.CheckpointError, match="--init-from: .* is corrupt or not a checkpoint"):
+        train.run(_args(tmp_path / "new", *data, "--init-from", str(dense_out)))
