@@ -287,17 +287,23 @@ def _save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, config, device):
-    """The checkpoint at ``path`` as a dict, after checking it belongs to this run."""
+def _read_checkpoint(path, device, flag, prefix="", advice=""):
+    """The checkpoint dict at ``path``; a missing, damaged or foreign file is a CheckpointError."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"--resume: no checkpoint {path}")
+        raise CheckpointError(f"{flag}: no checkpoint {path}")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path} is corrupt or not a checkpoint ({type(error).__name__}: {error}); "
-                              "delete it to start over") from None
+        raise CheckpointError(f"{prefix}{path} is corrupt or not a checkpoint "
+                              f"({type(error).__name__}: {error}){advice}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file")
+        raise CheckpointError(f"{prefix}{path} is not a {CHECKPOINT_FORMAT} file")
+    return state
+
+
+def load_checkpoint(path, config, device):
+    """The checkpoint at ``path`` as a dict, after checking it belongs to this run."""
+    state = _read_checkpoint(path, device, "--resume", advice="; delete it to start over")
     saved = state["config"]
     differ = [f"{k}: checkpoint {saved.get(k)!r}, now {config[k]!r}" for k in RUN_SETTINGS if saved.get(k) != config[k]]
     if differ:
@@ -310,15 +316,7 @@ def load_pretrained(c, device):
     """The dense network of the run in ``c.init_from`` as a state dict of a SparseVD model
     (``sparsevd.convert`` of it), after checking that run fits this one."""
     path = os.path.join(c.init_from, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--init-from: no checkpoint {path}")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise CheckpointError(f"--init-from: {path} is corrupt or not a checkpoint "
-                              f"({type(error).__name__}: {error})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"--init-from: {path} is not a {CHECKPOINT_FORMAT} file")
+    state = _read_checkpoint(path, device, "--init-from", prefix="--init-from: ")
     saved = state["config"]
     if saved.get("method") != "dense":
         raise CheckpointError(f"--init-from: {path} is a {saved.get('method')} run; it must be a dense one")
