@@ -57,7 +57,24 @@ def _extension():
         )
     else:
         ext = cpp_extension.CppExtension("sparsevd._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_recording(cpp_extension.BuildExtension, use_cuda)}
+
+
+def _build_ext_recording(base, with_cuda):
+    """build_ext that also writes ``sparsevd/_build_info.py`` next to the extension: the
+    torch it was built against, which sparsevd checks before loading it (an extension
+    built for another torch can crash the process)."""
+    import torch
+
+    class BuildExt(base.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            target = os.path.join(os.path.dirname(self.get_ext_fullpath("sparsevd._C")), "_build_info.py")
+            with open(target, "w") as f:
+                f.write("# Written by setup.py when sparsevd._C was built; read before loading it.\n"
+                        f"TORCH_VERSION = {torch.__version__!r}\nWITH_CUDA = {with_cuda!r}\n")
+
+    return BuildExt
 
 
 ext_modules, cmdclass = _extension()

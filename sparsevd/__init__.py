@@ -4,7 +4,7 @@ Swap ``nn.Linear`` for :class:`SparseVDLinear`, add ``kl_weight · kl_divergence
 to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
 """
 
-from . import dispatch, functional, reference  # noqa: F401
+from . import dispatch, functional, reference  # noqa: F401  (importing them registers the ops)
 from .conv import SparseVDConv1d, SparseVDConv2d
 from .convert import convert
 from .layers import SparseVDLinear, SparseVDModule

@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from . import dispatch, ops, reference  # noqa: F401  (ops registers fakes and autograd)
+from . import backends, reference  # noqa: F401  (importing backends registers the kernels)
+from .noise import draw_seed
 
 __all__ = [
     "masked_linear", "lrt_linear", "lrt_noise", "lrt_sample", "lrt_sample_noise", "kl_divergence",
@@ -78,7 +79,7 @@ def _check_range(op, log_alpha_range):
 
 def _as_seed(seed, generator):
     if seed is None:
-        return dispatch.draw_seed(generator)
+        return draw_seed(generator)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed must be a one-element int64 tensor or an int, got {seed.dtype} {tuple(seed.shape)}")
@@ -122,12 +123,7 @@ def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=Non
     _check_params(op, weight, log_sigma2)
     _check_input(op, input, weight.shape[1], weight, bias, weight.shape[0])
     seed = _as_seed(seed, generator)
-    x = _as_2d(input)
-    if dispatch.use_ops():
-        y, _ = torch.ops.sparsevd.lrt_linear(x, weight, log_sigma2, bias, seed)
-    else:
-        noise = dispatch.noise_from_seed(x.shape[0], weight.shape[0], seed, x.device)
-        y = reference.lrt_linear(x, weight, log_sigma2, bias, noise.to(x.dtype))
+    y, _ = torch.ops.sparsevd.lrt_linear(_as_2d(input), weight, log_sigma2, bias, seed)
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -143,11 +139,7 @@ def lrt_noise(input, weight, seed):
     """The float32 noise ``z`` that ``lrt_linear(input, weight, ..., seed=seed)`` used."""
     _check_tensor("input", input, "lrt_noise")
     seed = _as_seed(seed, None)
-    x = _as_2d(input)
-    if dispatch.use_ops():
-        z = torch.ops.sparsevd.lrt_noise(x, weight, seed)
-    else:
-        z = dispatch.noise_from_seed(x.shape[0], weight.shape[0], seed, x.device)
+    z = torch.ops.sparsevd.lrt_noise(_as_2d(input), weight, seed)
     return z.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -173,20 +165,13 @@ def lrt_sample(mean, var, *, seed=None, generator=None):
     op = "lrt_sample"
     mean, var = _autocast(mean, var)
     _check_mean_var(op, mean, var)
-    seed = _as_seed(seed, generator)
-    if dispatch.use_ops():
-        return torch.ops.sparsevd.lrt_sample(mean, var, seed)[0]
-    noise = dispatch.noise_from_seed(1, mean.numel(), seed, mean.device).view(mean.shape)
-    return reference.lrt_sample(mean, var, noise.to(mean.dtype))
+    return torch.ops.sparsevd.lrt_sample(mean, var, _as_seed(seed, generator))[0]
 
 
 def lrt_sample_noise(mean, seed):
     """The float32 noise ``z`` that ``lrt_sample(mean, var, seed=seed)`` used."""
     _check_tensor("mean", mean, "lrt_sample_noise")
-    seed = _as_seed(seed, None)
-    if dispatch.use_ops():
-        return torch.ops.sparsevd.lrt_sample_noise(mean, seed)
-    return dispatch.noise_from_seed(1, mean.numel(), seed, mean.device).view(mean.shape)
+    return torch.ops.sparsevd.lrt_sample_noise(mean, _as_seed(seed, None))
 
 
 def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE):
@@ -200,17 +185,11 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE)
         )
     _check_same(op, "weight", weight, log_sigma2=log_sigma2)
     lo, hi = _check_range(op, log_alpha_range)
-    if dispatch.use_ops():
-        if (
-            torch.is_grad_enabled()
-            and (weight.requires_grad or log_sigma2.requires_grad)
-            and dispatch.prefers_kl_with_grad(weight.device)
-        ):
-            # Training: the gradients come out of the same sweep as the sum and are kept
-            # for backward (which only scales them), instead of a second sweep.
-            return torch.ops.sparsevd.kl_divergence_with_grad(weight, log_sigma2, lo, hi)[0]
-        return torch.ops.sparsevd.kl_divergence(weight, log_sigma2, lo, hi)
-    return reference.kl_divergence(weight, log_sigma2, (lo, hi))
+    if torch.is_grad_enabled() and (weight.requires_grad or log_sigma2.requires_grad):
+        # Training: the gradients come out of the same sweep as the sum and are kept for
+        # backward (which only scales them), instead of a second sweep over the weights.
+        return torch.ops.sparsevd.kl_divergence_with_grad(weight, log_sigma2, lo, hi)[0]
+    return torch.ops.sparsevd.kl_divergence(weight, log_sigma2, lo, hi)
 
 
 def csr_linear(input, crow_indices, col_indices, values, bias=None, *, row_order=None, validate=True):
@@ -241,11 +220,7 @@ def csr_linear(input, crow_indices, col_indices, values, bias=None, *, row_order
         validate_csr(crow_indices, col_indices, values, (out_features, input.shape[-1]))
         if row_order is not None:
             validate_row_order(row_order, out_features, values.device)
-    x = _as_2d(input)
-    if dispatch.use_ops():
-        y = torch.ops.sparsevd.csr_linear(x, crow_indices, col_indices, values, bias, row_order)
-    else:
-        y = reference.csr_linear(x, crow_indices, col_indices, values, bias)
+    y = torch.ops.sparsevd.csr_linear(_as_2d(input), crow_indices, col_indices, values, bias, row_order)
     return y.reshape(*input.shape[:-1], out_features)
 
 

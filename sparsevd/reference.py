@@ -55,6 +55,27 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=LOG_ALPHA_RANGE):
     return kl_from_log_alpha(la).sum()
 
 
+def kl_divergence_grad(weight, log_sigma2, log_alpha_range=LOG_ALPHA_RANGE):
+    """(∂/∂θ, ∂/∂log σ²) of :func:`kl_divergence`, in the parameters' dtype: what autograd of
+    it gives, written out (kernels below autograd cannot differentiate). With t = k2 + k3·la,
+
+        ∂KL/∂la = −k1·k3·sigmoid(t)·(1 − sigmoid(t)) − ½·sigmoid(−la)
+
+    zero where the clamp cuts log α (outside [lo, hi]; at the bounds it passes, as in
+    torch.clamp's backward),
+    ∂la/∂log σ² = 1 and ∂la/∂θ = −2θ / (θ² + 1e-8).
+    """
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w, s = weight.to(acc), log_sigma2.to(acc)
+    lo, hi = log_alpha_range
+    raw = s - torch.log(w * w + EPS)
+    la = torch.clamp(raw, lo, hi)
+    t = torch.sigmoid(K2 + K3 * la)
+    dla = -K1 * K3 * t * (1 - t) - 0.5 * torch.sigmoid(-la)
+    dla = torch.where((raw >= lo) & (raw <= hi), dla, 0.0)
+    return (dla * (-2 * w / (w * w + EPS))).to(weight.dtype), dla.to(log_sigma2.dtype)
+
+
 def prune_mask(weight, log_sigma2, threshold=THRESHOLD, log_alpha_range=LOG_ALPHA_RANGE):
     """Boolean mask of the weights to keep: log α < threshold."""
     return log_alpha(weight, log_sigma2, log_alpha_range) < threshold

@@ -26,3 +26,15 @@ def assert_close_fa(out, ref64, same_dtype, atol=1e-6, factor=2.0):
     err = (out.double() - ref64).abs().max().item()
     base = (same_dtype.double() - ref64).abs().max().item()
     assert err <= factor * base + atol, f"kernel error {err:.3e} vs same-dtype torch error {base:.3e}"
+
+
+def run_python(code, timeout=300, **env):
+    """Run ``code`` in a fresh interpreter with extra environment variables (what is read at
+    import, such as SPARSEVD_BACKEND, needs a new process); returns its stdout."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

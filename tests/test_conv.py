@@ -95,7 +95,7 @@ def test_module_padding_modes_train_and_eval(padding_mode, padding):
     torch.manual_seed(11)
     y = layer(x)
     torch.manual_seed(11)
-    noise = F.lrt_sample_noise(y, sparsevd.dispatch.draw_seed())
+    noise = F.lrt_sample_noise(y, sparsevd.noise.draw_seed())
     # the reference pads explicitly, as nn.Conv2d does for a padding_mode other than zeros
     pad = sparsevd.conv.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
     mode = "constant" if padding_mode == "zeros" else padding_mode

@@ -171,7 +171,7 @@ def test_package_works_without_the_extension():
 import sys
 sys.modules["sparsevd._C"] = None  # the compiled extension is absent
 import torch, sparsevd
-assert not sparsevd.dispatch.HAS_EXTENSION and not sparsevd.dispatch.use_ops()
+assert not sparsevd.dispatch.HAS_EXTENSION
 torch.manual_seed(0)
 model = torch.nn.Sequential(sparsevd.SparseVDLinear(5, 4), torch.nn.ReLU(), sparsevd.SparseVDLinear(4, 2))
 loss = sparsevd.SGVLBLoss(model, dataset_size=10)(model(torch.randn(3, 5)), torch.tensor([0, 1, 1]))
@@ -184,4 +184,23 @@ print(sparsevd.dispatch.describe())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "reference path only" in result.stdout
+    assert "extension not loaded" in result.stdout and "csr_linear: CPU -> reference" in result.stdout
+
+
+def test_extension_built_for_another_torch_is_not_loaded():
+    """An extension built against another torch can crash: it is refused, naming both versions."""
+    from conftest import run_python
+
+    out = run_python("""
+import sys, types, warnings
+sys.modules["sparsevd._build_info"] = types.SimpleNamespace(TORCH_VERSION="2.6.0+cu124", WITH_CUDA=True)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, sparsevd
+assert "sparsevd._C" not in sys.modules
+assert not sparsevd.dispatch.HAS_EXTENSION
+print([str(w.message) for w in caught if w.category is RuntimeWarning])
+model = sparsevd.SparseVDLinear(5, 3)
+model(torch.randn(2, 5)).sum().backward()
+""")
+    assert "built against torch 2.6.0+cu124" in out and f"torch {torch.__version__} is running" in out

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import sparsevd
+from conftest import run_python
 from sparsevd import dispatch, reference
 from sparsevd import functional as F
 
@@ -185,19 +186,31 @@ def test_lrt_noise_is_what_forward_used(device):
     torch.testing.assert_close(y, reference.lrt_linear(x, w, s, b, z))
 
 
-def test_reference_backend_gives_same_numbers(monkeypatch):
+def test_reference_backend_gives_same_numbers(tmp_path):
+    """SPARSEVD_BACKEND=reference runs the reference math with the same noise for a seed."""
     x = torch.randn(6, 5, requires_grad=True)
     w, s = _params(4, 5)
     w.requires_grad_()
-    y_ops = F.lrt_linear(x, w, s, seed=5)
-    k_ops = F.kl_divergence(w, s)
-    monkeypatch.setenv("SPARSEVD_BACKEND", "reference")
-    assert not dispatch.use_ops()
-    y_ref = F.lrt_linear(x, w, s, seed=5)
-    k_ref = F.kl_divergence(w, s)
-    torch.testing.assert_close(y_ops, y_ref)
-    torch.testing.assert_close(k_ops, k_ref)
-    assert y_ref.requires_grad
+    torch.save((x.detach(), w.detach(), s), tmp_path / "inputs.pt")
+    out = run_python(f"""
+import torch, sparsevd
+from sparsevd import functional as F
+x, w, s = torch.load({str(tmp_path / "inputs.pt")!r})
+x.requires_grad_()
+y = F.lrt_linear(x, w, s, seed=5)
+assert y.requires_grad
+torch.save((y.detach(), F.kl_divergence(w, s)), {str(tmp_path / "outputs.pt")!r})
+print(sparsevd.dispatch.describe())
+""", SPARSEVD_BACKEND="reference")
+    assert "lrt_linear: CPU -> reference, CUDA -> reference" in out
+    y_ref, k_ref = torch.load(tmp_path / "outputs.pt")
+    torch.testing.assert_close(F.lrt_linear(x, w, s, seed=5), y_ref)
+    torch.testing.assert_close(F.kl_divergence(w, s), k_ref)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(AssertionError, match="SPARSEVD_BACKEND must be 'auto' or 'reference'"):
+        run_python("import sparsevd", SPARSEVD_BACKEND="fast")
 
 
 def test_lrt_saves_no_noise_for_backward():

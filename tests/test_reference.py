@@ -116,3 +116,17 @@ def test_kl_half_precision_sums_in_float32(dtype):
     kl = R.kl_divergence(w, s)
     assert kl.dtype == torch.float32
     assert torch.isclose(kl.double(), R.kl_divergence(w.double(), s.double()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_kl_divergence_grad_is_autograd_of_kl_divergence(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(37, 23, generator=g) * torch.logspace(-5, 0, 23)).to(dtype)
+    s = (torch.rand(37, 23, generator=g) * 20 - 15).to(dtype)
+    s[0, :3] = torch.tensor([50.0, -50.0, float("nan")])  # clamped above, below; NaN
+    wr, sr = w.clone().requires_grad_(), s.clone().requires_grad_()
+    want = torch.autograd.grad(R.kl_divergence(wr, sr), (wr, sr))
+    got = R.kl_divergence_grad(w, s)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, equal_nan=True)
