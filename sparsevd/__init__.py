@@ -7,6 +7,7 @@ to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
 from . import dispatch, functional, reference  # noqa: F401  (importing them registers the ops)
 from .conv import SparseVDConv1d, SparseVDConv2d
 from .convert import convert
+from .inference import FusedSequential
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
@@ -26,6 +27,7 @@ __all__ = [
     "predict",
     "Prediction",
     "SparseLinear",
+    "FusedSequential",
     "sparsify",
     "CostModel",
     "report",

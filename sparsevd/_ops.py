@@ -53,6 +53,13 @@ SCHEMAS = {
     # first balances the load, as in Sputnik); it never changes the result.
     "csr_linear": "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
                   "Tensor? bias, Tensor? row_order=None) -> Tensor",
+    # A chain of linear layers with elementwise activations, as one op (a sparsified MLP):
+    # x [M, K0]; layer i is dense (crow_indices[i] None, weights[i] [N_i, K_i]) or CSR
+    # (weights[i] the values [nnz_i], int32 crow [N_i + 1] and col [nnz_i]); K_i = N_{i-1};
+    # then activation code activations[i] (sparsevd.reference.ACTIVATIONS) with parameter
+    # activation_params[i]. Inference only: it has no gradient.
+    "linear_chain": "linear_chain(Tensor x, Tensor[] weights, Tensor?[] crow_indices, Tensor?[] col_indices, "
+                    "Tensor?[] biases, int[] activations, float[] activation_params) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
@@ -232,3 +239,23 @@ def _csr_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparsevd::csr_linear", _csr_backward, setup_context=_csr_setup)
+
+
+@torch.library.register_fake("sparsevd::linear_chain")
+def _(x, weights, crow_indices, col_indices, biases, activations, activation_params):
+    last = weights[-1].shape[0] if crow_indices[-1] is None else crow_indices[-1].shape[0] - 1
+    return x.new_empty((x.shape[0], last))
+
+
+def _chain_setup(ctx, inputs, output):
+    pass
+
+
+def _chain_backward(ctx, grad):
+    raise RuntimeError("sparsevd::linear_chain is inference-only (it has no gradient): run the layers one by one "
+                       "(sparsevd.FusedSequential does when autograd needs it) or fine-tune the SparseVD model")
+
+
+# The compiled extension registers a C++ autograd kernel that refuses before the forward;
+# this one serves the other backends.
+torch.library.register_autograd("sparsevd::linear_chain", _chain_backward, setup_context=_chain_setup)

@@ -203,18 +203,35 @@ class _SparseVDConvNd(SparseVDModule):
         return torch.nn.functional.pad(input, pad, mode=self.padding_mode), (0,) * self.dims
 
     def forward(self, input):
+        if not self.training:
+            return self._eval_forward(input)
         op = type(self).__name__
         # under autocast a 16-bit activation meets fp32 parameters, as in nn.Conv2d
         input, weight, bias = F._autocast(input, self.weight, self.bias)
         batched = _check_input(op, self.dims, input, weight, bias, self.padding, self.dilation, self.groups)
         x, padding = self._padded(input if batched else input.unsqueeze(0))
         args = (self.stride, padding, self.dilation, self.groups)
-        if self.training:
-            log_sigma2 = self.variance_log_sigma2().to(weight.dtype)
-            y = _lrt(self.dims, x, weight, log_sigma2, bias, *args, None, None)
+        if self.frozen_mask is None:
+            y = _lrt(self.dims, x, weight, self.variance_log_sigma2().to(weight.dtype), bias, *args, None, None)
+        elif self.frozen_noise:
+            log_sigma2 = self._frozen_log_sigma2().to(weight.dtype)
+            y = _lrt(self.dims, x, weight * self.frozen_mask, log_sigma2, bias, *args, None, None)
         else:
-            y = _CONV[self.dims](x, weight * self.mask(), bias, *args)
+            y = _CONV[self.dims](x, weight * self.frozen_mask, bias, *args)
         return y if batched else y.squeeze(0)
+
+    def _eval_forward(self, input):
+        """conv(x, θ ⊙ mask) + b with the cached masked weight, as cheap as the dense layer."""
+        try:  # the dense convolution's own checks cost nothing when the input is right
+            if input.device != self.weight.device:  # torch's convolution lets meta inputs through
+                raise ValueError("device mismatch")
+            x, padding = self._padded(input)
+            return _CONV[self.dims](x, self._effective_weight(), self.bias, self.stride, padding, self.dilation,
+                                    self.groups)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            input, weight, bias = F._autocast(input, self.weight, self.bias)
+            _check_input(type(self).__name__, self.dims, input, weight, bias, self.padding, self.dilation, self.groups)
+            raise
 
     @classmethod
     def from_conv(cls, conv, **kwargs):

@@ -15,7 +15,12 @@ parameters of the posterior variance, chosen by ``alpha``:
 With a shared α the posterior of each weight is N(θ, α·θ²), so the per-weight
 log σ² the local reparameterization trick needs is log α + log(θ² + 1e-8). In training
 mode a layer samples pre-activations with the LRT; in eval mode it is the deterministic
-masked layer.
+masked layer, at the cost of the dense layer: θ ⊙ mask is cached and recomputed only when
+it can have changed (see :meth:`SparseVDModule.eval_weight`).
+
+After SparseVD training, :meth:`SparseVDModule.freeze_mask` fixes the mask for fine-tuning:
+the pruned weights are exactly zero from then on and θ, the bias (and, with noise, the
+variances of the kept weights) train on the data term.
 """
 
 from __future__ import annotations
@@ -45,6 +50,21 @@ def _variant(alpha):
     return "fixed"
 
 
+class _CachedMaskedWeight(torch.autograd.Function):
+    """θ ⊙ mask served from the eval cache, with the gradient of θ ⊙ mask (grad ⊙ mask):
+    with autograd on, the eval forward stays as cheap as the dense layer."""
+
+    @staticmethod
+    def forward(ctx, weight, masked, mask):
+        ctx.save_for_backward(mask)
+        return masked.view_as(masked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None
+
+
 class SparseVDModule(nn.Module):
     """What every SparseVD layer has: the variance parameters of its ``alpha`` variant,
     log α, the pruning mask, the KL term and counts.
@@ -69,6 +89,9 @@ class SparseVDModule(nn.Module):
         self.threshold = threshold
         self.log_sigma2_init = float(log_sigma2_init)
         self.log_alpha_range = (lo, hi)
+        self.register_buffer("frozen_mask", None)
+        self.frozen_noise = False
+        self._eval_cache = None
 
     @property
     def alpha(self):
@@ -153,7 +176,10 @@ class SparseVDModule(nn.Module):
             return self._shared_log_alpha().expand(self.weight.shape).contiguous()
 
     def mask(self):
-        """Boolean mask of the weights kept at the current threshold (log α < threshold)."""
+        """Boolean mask of the weights kept: log α < threshold, or the mask fixed by
+        :meth:`freeze_mask`."""
+        if self.frozen_mask is not None:
+            return self.frozen_mask
         with torch.no_grad():
             if self.variant == "weight":
                 return reference.prune_mask(self.weight, self.log_sigma2, self.threshold, self.log_alpha_range)
@@ -175,6 +201,73 @@ class SparseVDModule(nn.Module):
         sharing = self.weight.numel() // raw.numel() if raw.numel() else 0
         return per_alpha.sum() * sharing
 
+    def eval_weight(self):
+        """(θ ⊙ mask, mask): what the eval forward multiplies with.
+
+        Computing the mask reads log α of every weight, which costs more than the layer
+        itself at small batches, so the pair is cached and recomputed only when it can
+        have changed: when the version counter, storage, dtype or device of ``weight`` or
+        of the variance parameter (or the frozen mask) changes (an optimizer step,
+        ``load_state_dict``, ``.to()``, any in-place edit), when ``threshold`` or
+        ``log_alpha_range`` changes, and on every ``train()``/``eval()``. Under
+        ``torch.compile`` and ``torch.export`` it is always computed afresh, so a traced
+        graph never holds a stale copy. (Edits through ``.data`` bypass version counters,
+        for autograd as for this cache: call ``train()``/``eval()`` after them.)
+        """
+        if torch.compiler.is_compiling():
+            mask = self.mask()
+            return self.weight * mask, mask
+        w, v, frozen = self.weight, self._raw_variance(), self.frozen_mask
+        key = (w._version, w.data_ptr(), w.dtype, w.device, v._version, v.data_ptr(), v.dtype, self.threshold,
+               self.log_alpha_range, None if frozen is None else (frozen._version, frozen.data_ptr()))
+        cache = self._eval_cache
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                mask = self.mask()
+                cache = self._eval_cache = (key, w * mask, mask)
+        return cache[1], cache[2]
+
+    def _effective_weight(self):
+        """θ ⊙ mask for the eval forward, differentiable in θ when autograd needs it."""
+        weight, mask = self.eval_weight()
+        if torch.is_grad_enabled() and self.weight.requires_grad and not torch.compiler.is_compiling():
+            return _CachedMaskedWeight.apply(self.weight, weight, mask)
+        return weight
+
+    def train(self, mode=True):
+        self._eval_cache = None  # a mode switch is where training ends: never serve an old copy
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_eval_cache"] = None  # derived data: not pickled, not deep-copied
+        return state
+
+    def freeze_mask(self, noise=False):
+        """Fix the current mask for fine-tuning: pruned weights are set to zero and stay
+        exactly zero (every forward multiplies θ by the mask), ``mask()`` returns the
+        fixed mask whatever log α does, and training trains the kept θ and the bias on
+        the data term. ``noise=False`` (default) trains the deterministic masked layer;
+        ``noise=True`` keeps sampling the kept weights' noise (LRT with σ² ⊙ mask).
+        The fixed mask is a buffer (``frozen_mask``): it travels with the state dict."""
+        with torch.no_grad():
+            mask = self.mask().clone()
+            self.weight.mul_(mask)
+        self.frozen_mask = mask
+        self.frozen_noise = bool(noise)
+        return self
+
+    def unfreeze_mask(self):
+        """Back to SparseVD training: the mask follows log α and the threshold again."""
+        self.frozen_mask = None
+        self.frozen_noise = False
+        return self
+
+    def _frozen_log_sigma2(self):
+        """The LRT's log σ² while the mask is frozen with noise: a pruned weight has zero
+        variance (log σ² = −inf), so it adds no noise either."""
+        return self.variance_log_sigma2().masked_fill(~self.frozen_mask, float("-inf"))
+
     def kept_weights(self):
         """Number of weights that survive pruning."""
         return int(self.mask().sum())
@@ -193,6 +286,18 @@ class SparseVDModule(nn.Module):
                 f"variant {saved[0]!r}, but this layer has {self.variant!r}; build it with the same alpha to load "
                 f"it (or drop {prefix + _VARIANCE_NAMES[saved[0]]!r} to load θ and the bias only)"
             )
+        # The fixed mask of fine-tuning is part of the saved state: adopt the saved one (or
+        # its absence), so a loaded layer prunes exactly what the saved one did.
+        frozen = state_dict.get(prefix + "frozen_mask")
+        if frozen is None:
+            self.frozen_mask = None
+        elif isinstance(frozen, torch.Tensor) and frozen.dtype == torch.bool and frozen.shape == self.weight.shape:
+            self.frozen_mask = torch.empty_like(frozen, device=self.weight.device)
+        else:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: frozen_mask must be a bool tensor of "
+                              f"the weight's shape {tuple(self.weight.shape)}, got {getattr(frozen, 'dtype', type(frozen))} "
+                              f"{tuple(getattr(frozen, 'shape', ()))}")
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -228,8 +333,16 @@ class SparseVDLinear(SparseVDModule):
 
     def forward(self, input):
         if self.training:
-            return F.lrt_linear(input, self.weight, self.variance_log_sigma2(), self.bias)
-        return F.masked_linear(input, self.weight, self.mask(), self.bias)
+            if self.frozen_mask is None:
+                return F.lrt_linear(input, self.weight, self.variance_log_sigma2(), self.bias)
+            if self.frozen_noise:
+                return F.lrt_linear(input, self.weight * self.frozen_mask, self._frozen_log_sigma2(), self.bias)
+            return F.masked_linear(input, self.weight, self.frozen_mask, self.bias)
+        try:  # the dense layer's own checks cost nothing when the input is right
+            return torch.nn.functional.linear(input, self._effective_weight(), self.bias)
+        except (RuntimeError, TypeError):
+            F._check_input(type(self).__name__, input, self.in_features, self.weight, self.bias, self.out_features)
+            raise
 
     @classmethod
     def from_linear(cls, linear, **kwargs):

@@ -142,6 +142,35 @@ def csr_linear(x, crow_indices, col_indices, values, bias=None):
     return torch.nn.functional.linear(x, dense, bias)
 
 
+#: The elementwise activations a linear chain applies after a layer, by code, as functions
+#: of (x, parameter): the codes of the ``linear_chain`` op.
+ACTIVATIONS = {
+    0: ("identity", lambda x, p: x),
+    1: ("relu", lambda x, p: torch.relu(x)),
+    2: ("leaky_relu", lambda x, p: torch.nn.functional.leaky_relu(x, p)),
+    3: ("relu6", lambda x, p: torch.nn.functional.relu6(x)),
+    4: ("elu", lambda x, p: torch.nn.functional.elu(x, p)),
+    5: ("tanh", lambda x, p: torch.tanh(x)),
+    6: ("sigmoid", lambda x, p: torch.sigmoid(x)),
+    7: ("gelu", lambda x, p: torch.nn.functional.gelu(x)),
+    8: ("gelu_tanh", lambda x, p: torch.nn.functional.gelu(x, approximate="tanh")),
+    9: ("silu", lambda x, p: torch.nn.functional.silu(x)),
+}
+
+
+def linear_chain(x, layers):
+    """A chain of linear layers with activations: for each (weight, bias, code, parameter)
+    in ``layers``, x = activation(x Wᵀ + b), with W dense or a CSR triple
+    (crow_indices, col_indices, values)."""
+    for weight, bias, code, parameter in layers:
+        if isinstance(weight, tuple):
+            x = csr_linear(x, *weight, bias)
+        else:
+            x = torch.nn.functional.linear(x, weight, bias)
+        x = ACTIVATIONS[code][1](x, parameter)
+    return x
+
+
 def _conv(weight):
     # a weight [out, in / groups, *kernel] says which N-d convolution it belongs to
     return {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[weight.dim()]

@@ -13,8 +13,9 @@ from . import reference
 from .conv import explicit_padding
 
 #: Bumped whenever the saved layout of SparseLinear changes; loading another version fails.
-FORMAT_VERSION = 1
-_BUFFERS = ("crow_indices", "col_indices", "values")
+#: 2: the [out_features, in_features] shape is saved (a version-1 file could load into a
+#: layer of another input width without any error).
+FORMAT_VERSION = 2
 
 
 def dense_to_csr(weight):
@@ -34,10 +35,13 @@ def dense_to_csr(weight):
 class SparseLinear(nn.Module):
     """y = x W_csrᵀ + b for a weight stored in CSR (rows = output features).
 
-    Build it with :meth:`from_dense` (any masked weight) or :meth:`from_sparsevd`. The CSR
-    buffers travel with the state dict; loading a state dict checks the format version
-    and the CSR structure, so a file from another version or a corrupted one is refused
-    with an error rather than computing garbage.
+    Build it with :meth:`from_dense` (any masked weight) or :meth:`from_sparsevd`. The layer
+    owns its buffers (the constructor and ``load_state_dict`` copy what they are given), and
+    checks the CSR structure once, at construction and load, and again only if its index
+    buffers are edited in place; the kernels also check every index they read, so no input
+    reads outside its buffers. A state dict from another format version, another shape or
+    with a corrupt structure is refused with an error; its values are converted to this
+    layer's dtype, as ``nn.Linear`` does.
     """
 
     def __init__(self, in_features, out_features, crow_indices, col_indices, values, bias=None):
@@ -45,13 +49,14 @@ class SparseLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         F.validate_csr(crow_indices, col_indices, values, (self.out_features, self.in_features))
-        self.register_buffer("crow_indices", crow_indices)
-        self.register_buffer("col_indices", col_indices)
-        self.register_buffer("values", values)
-        # derived from the structure, so not saved: rebuilt on load
-        self.register_buffer("row_order", F.rows_by_length(crow_indices), persistent=False)
-        # Stored as a tensor so it survives any way of saving a state dict.
+        self.register_buffer("crow_indices", crow_indices.detach().clone(memory_format=torch.contiguous_format))
+        self.register_buffer("col_indices", col_indices.detach().clone(memory_format=torch.contiguous_format))
+        self.register_buffer("values", values.detach().clone(memory_format=torch.contiguous_format))
+        # derived from the structure, so not saved: rebuilt whenever the structure changes
+        self.register_buffer("row_order", F.rows_by_length(self.crow_indices), persistent=False)
+        # Stored as tensors so they survive any way of saving a state dict.
         self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.int32))
+        self.register_buffer("shape", torch.tensor([self.out_features, self.in_features], dtype=torch.int64))
         if bias is not None:
             bias = bias.detach().clone()
             if bias.shape != (self.out_features,) or bias.dtype != values.dtype or bias.device != values.device:
@@ -61,6 +66,7 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias, requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self._checked = self._structure_key()
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -83,53 +89,85 @@ class SparseLinear(nn.Module):
         """The dense [out_features, in_features] weight."""
         return reference.csr_to_dense(self.crow_indices, self.col_indices, self.values, self.in_features)
 
+    def _structure_key(self):
+        crow, col = self.crow_indices, self.col_indices
+        return crow._version, crow.data_ptr(), col._version, col.data_ptr()
+
+    def _recheck(self):
+        """The index buffers were edited or replaced since they were checked: check again
+        (and reschedule the rows) before any kernel reads them."""
+        F.validate_csr(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
+        self.row_order = F.rows_by_length(self.crow_indices)
+        self._checked = self._structure_key()
+
     def forward(self, input):
+        if self._checked != self._structure_key():
+            self._recheck()
         if input.shape[-1:] != (self.in_features,):
             raise ValueError(
                 f"SparseLinear: expected input of shape [*, {self.in_features}], got {tuple(input.shape)}"
             )
-        # validated once, at construction and load
+        if input.dim() == 2:
+            return torch.ops.sparsevd.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias,
+                                                 self.row_order)
+        # the op's own checks name dtype and device problems; it takes 2-D inputs
         return F.csr_linear(input, self.crow_indices, self.col_indices, self.values, self.bias,
                             row_order=self.row_order, validate=False)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        name = prefix.rstrip(".") or type(self).__name__
         saved = state_dict.get(prefix + "format_version")
         version = int(saved) if isinstance(saved, torch.Tensor) and saved.numel() == 1 else None
         if version != FORMAT_VERSION:
             error_msgs.append(
-                f"{prefix or 'SparseLinear'}: saved with SparseLinear format version {version}, "
-                f"this sparsevd reads version {FORMAT_VERSION}"
+                f"{name}: saved with SparseLinear format version {version}, this sparsevd reads version "
+                f"{FORMAT_VERSION}" + (" (re-create it with sparsify() from the SparseVD model)" if version == 1 else "")
             )
             return
-        # The CSR buffers change size with the number of non-zeros: replace, don't copy.
-        loaded = {}
-        for name in _BUFFERS:
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
-                return
-            loaded[name] = state_dict[key]
-        try:
-            F.validate_csr(loaded["crow_indices"], loaded["col_indices"], loaded["values"], (self.out_features, self.in_features))
-        except ValueError as error:
-            error_msgs.append(f"{prefix or 'SparseLinear'}: corrupt CSR weight: {error}")
+        shape = state_dict.get(prefix + "shape")
+        expected = (self.out_features, self.in_features)
+        if not isinstance(shape, torch.Tensor) or shape.numel() != 2 or tuple(shape.tolist()) != expected:
+            got = tuple(shape.tolist()) if isinstance(shape, torch.Tensor) else shape
+            error_msgs.append(f"{name}: size mismatch: the state dict holds a [out, in] = {got} weight, "
+                              f"this layer is {list(expected)}")
             return
-        for name, tensor in loaded.items():
-            setattr(self, name, tensor.to(self._buffers[name].device))
-        self.row_order = F.rows_by_length(self.crow_indices)
+        loaded = {}
+        for key in ("crow_indices", "col_indices", "values"):
+            if prefix + key not in state_dict:
+                missing_keys.append(prefix + key)
+                return
+            loaded[key] = state_dict[prefix + key]
+        if not (isinstance(loaded["values"], torch.Tensor) and loaded["values"].is_floating_point()):
+            error_msgs.append(f"{name}: values must be a floating-point tensor")
+            return
+        # copies on this layer's device, values in this layer's dtype: the layer owns its
+        # buffers, and a float32 file loads into a half layer as it would into nn.Linear
+        device, dtype = self.values.device, self.values.dtype
+        loaded = {k: v.to(device=device, dtype=dtype if k == "values" else v.dtype, copy=True)
+                  for k, v in loaded.items()}
+        try:
+            F.validate_csr(loaded["crow_indices"], loaded["col_indices"], loaded["values"], expected)
+        except ValueError as error:
+            error_msgs.append(f"{name}: corrupt CSR weight: {error}")
+            return
         bias_key = prefix + "bias"
+        bias = state_dict.get(bias_key)
         if self.bias is not None:
-            if bias_key not in state_dict:
+            if bias is None:
                 missing_keys.append(bias_key)
                 return
-            bias = state_dict[bias_key]
             if bias.shape != self.bias.shape or not bool(torch.isfinite(bias).all()):
-                error_msgs.append(f"{prefix or 'SparseLinear'}: corrupt bias of shape {tuple(bias.shape)}")
+                error_msgs.append(f"{name}: corrupt bias of shape {tuple(bias.shape)}")
                 return
+        elif bias is not None:
+            unexpected_keys.append(bias_key)
+            return
+        for key, tensor in loaded.items():
+            setattr(self, key, tensor)
+        if self.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(bias)
-        elif bias_key in state_dict:
-            unexpected_keys.append(bias_key)
+        self._recheck()
 
     def extra_repr(self):
         density = self.nnz / max(1, self.in_features * self.out_features)

@@ -12,6 +12,7 @@ of a Sequential.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .conv import _SparseVDConvNd
+from .inference import FusedSequential
 from .layers import SparseVDLinear
 from .shapes import output_positions
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
@@ -251,6 +253,16 @@ def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix
             _choose_forms(child, batch_size, cost_model, device_type, positions, full + ".")
 
 
+def _fuse_sequentials(module):
+    """Every nn.Sequential as a FusedSequential (same children): chains of linear layers
+    and activations then run as one op each."""
+    for name, child in module.named_children():
+        _fuse_sequentials(child)
+        if type(child) is nn.Sequential:
+            setattr(module, name, FusedSequential(OrderedDict(child._modules)))
+    return FusedSequential(OrderedDict(module._modules)) if type(module) is nn.Sequential else module
+
+
 def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
     """An inference copy of ``model`` (eval mode) with every SparseVD layer pruned and
     replaced by a CSR layer (:class:`SparseLinear`, :class:`SparseConv2d`,
@@ -261,6 +273,11 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     A convolution's cost depends on its number of output positions: pass ``input_shape``,
     the shape of one example without the batch (``(1, 28, 28)``, say), to let the cost
     model choose for convolutions; without it they stay dense (masked, dead filters cut).
+
+    Every ``nn.Sequential`` of the result is a :class:`~sparsevd.FusedSequential`: its
+    chains of linear layers and elementwise activations run as one op each (and, on CUDA,
+    as a replayed CUDA graph per input shape), the per-layer calls being what dominates a
+    pruned network's time at small batches.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -277,4 +294,4 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     for m in inference.modules():
         if hasattr(m, "sparsevd_origin"):
             del m.sparsevd_origin
-    return inference
+    return _fuse_sequentials(inference).eval()

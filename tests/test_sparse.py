@@ -211,3 +211,66 @@ def test_sparse_linear_schedules_rows_by_length_and_rebuilds_it_on_load():
     assert torch.equal(other.row_order, layer.row_order)
     x = torch.randn(4, 7)
     torch.testing.assert_close(other(x), x @ dense.t())
+
+
+def _layer_7x9():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(7, 9, generator=g) * (torch.rand(7, 9, generator=g) < 0.4)
+    return sparsevd.SparseLinear.from_dense(dense, torch.randn(7, generator=g)), dense
+
+
+def test_sparse_linear_owns_its_buffers():
+    _, dense = _layer_7x9()
+    crow, col, values = sparsevd.sparse.dense_to_csr(dense)
+    layer = sparsevd.SparseLinear(9, 7, crow, col, values)
+    x = torch.randn(3, 9)
+    want = layer(x)
+    col[0] = 10**6  # the caller's tensors are theirs: edits do not reach the layer
+    values.mul_(100)
+    torch.testing.assert_close(layer(x), want)
+    state = layer.state_dict()
+    other = sparsevd.SparseLinear.from_dense(torch.zeros(7, 9))
+    other.load_state_dict(state)
+    state["col_indices"][0] = 10**6  # nor do edits of a loaded state dict
+    torch.testing.assert_close(other(x), want)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("edit", ["col_big", "col_negative", "crow_non_monotone"])
+def test_in_place_edit_of_the_index_buffers_is_an_error_not_a_crash(edit, batch):
+    layer, _ = _layer_7x9()
+    with torch.no_grad():
+        if edit == "col_big":
+            layer.col_indices[0] = 10**6
+        elif edit == "col_negative":
+            layer.col_indices[-1] = -5
+        else:
+            layer.crow_indices[2] = 1000
+    with pytest.raises(ValueError, match="CSR"):
+        layer(torch.randn(batch, 9))
+
+
+def test_load_state_dict_of_another_shape_is_refused():
+    layer, _ = _layer_7x9()
+    narrower = sparsevd.SparseLinear.from_dense(torch.eye(7, 8))
+    with pytest.raises(RuntimeError, match=r"size mismatch.*\(7, 8\).*\[7, 9\]"):
+        layer.load_state_dict(narrower.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):  # nn.Linear refuses the same
+        nn.Linear(9, 7).load_state_dict(nn.Linear(8, 7).state_dict())
+
+
+def test_load_converts_to_the_layers_dtype():
+    layer, dense = _layer_7x9()
+    half = sparsevd.SparseLinear.from_dense(torch.eye(7, 9), torch.zeros(7)).half()
+    half.load_state_dict(layer.state_dict())  # a float32 file into a float16 layer
+    assert half.values.dtype == half.bias.dtype == torch.float16
+    x = torch.randn(2, 9)
+    torch.testing.assert_close(half(x.half()).float(), layer(x), rtol=1e-2, atol=1e-2)
+
+
+def test_format_version_1_is_refused_with_advice():
+    layer, _ = _layer_7x9()
+    old = {k: v for k, v in layer.state_dict().items() if k != "shape"}
+    old["format_version"] = torch.tensor(1, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="format version 1.*re-create it with sparsify"):
+        layer.load_state_dict(old)

@@ -67,6 +67,21 @@ def _csr_linear(x, crow_indices, col_indices, values, bias, row_order=None):
     return reference.csr_linear(x, crow_indices, col_indices, values, bias)  # the order only schedules
 
 
+def _linear_chain(x, weights, crow_indices, col_indices, biases, activations, activation_params):
+    lengths = {len(weights), len(crow_indices), len(col_indices), len(biases), len(activations),
+               len(activation_params)}
+    if len(lengths) != 1 or not weights:
+        raise ValueError("linear_chain: weights, crow_indices, col_indices, biases, activations and "
+                         "activation_params must be non-empty lists of one length")
+    unknown = set(activations) - set(reference.ACTIVATIONS)
+    if unknown:
+        raise ValueError(f"linear_chain: unknown activation codes {sorted(unknown)}")
+    layers = [((crow, col, w) if crow is not None else w, b, code, p)
+              for w, crow, col, b, code, p in zip(weights, crow_indices, col_indices, biases, activations,
+                                                  activation_params)]
+    return reference.linear_chain(x, layers).contiguous()
+
+
 KERNELS = {
     "kl_divergence": _kl_divergence,
     "kl_divergence_backward": _kl_divergence_backward,
@@ -78,6 +93,7 @@ KERNELS = {
     "lrt_sample_backward": _lrt_sample_backward,
     "lrt_sample_noise": _lrt_sample_noise,
     "csr_linear": _csr_linear,
+    "linear_chain": _linear_chain,
 }
 
 
