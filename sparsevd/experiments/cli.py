@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 import sparsevd
 
-from . import datasets, plots
+from . import data as datasets
+from . import plots
 from .models import MODELS
-from .uncertainty import predict
 
 #: A cost model under which sparsify() keeps every layer dense: the plain inference copy
 #: (θ ⊙ mask in ordinary dense layers) that the sparse forms have to beat.
@@ -501,7 +501,7 @@ def uncertainty_summary(model, data, samples):
     }
     rows = []
     for name, x in inputs.items():
-        out = predict(model, x, samples=samples, batch_samples=5)
+        out = sparsevd.predict(model, x, samples=samples, batch_samples=5)
         rows.append({"inputs": name, "predictive_entropy": float(out.entropy.mean()),
                      "expected_entropy": float(out.expected_entropy.mean()),
                      "mutual_information": float(out.mutual_information.mean())})

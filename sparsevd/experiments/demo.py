@@ -9,9 +9,10 @@ import time
 import torch
 
 import sparsevd
-from sparsevd.datasets import mnist_5k, train_test_split
-from sparsevd.models import lenet_300_100
-from sparsevd.train import error_rate, make_loss, train_epoch
+
+from .cli import error_rate, make_loss, train_epoch
+from .data import mnist_5k, train_test_split
+from .models import lenet_300_100
 
 
 def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, log=print):

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .conv import SparseVDConv2d
-from .layers import SparseVDLinear
+from sparsevd import SparseVDConv2d, SparseVDLinear
 
 
 def lenet_300_100(bayesian=True):
