@@ -13,6 +13,7 @@ from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
 from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
+from .likelihoods import GaussianLikelihood
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "functional",
     "reference",
     "dispatch",
+    "GaussianLikelihood",
 ]
