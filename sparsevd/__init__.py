@@ -14,6 +14,7 @@ from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
 from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
 from .likelihoods import GaussianLikelihood
+from .training import CollapseWarning
 
 __version__ = "0.1.0"
 
@@ -42,4 +43,5 @@ __all__ = [
     "reference",
     "dispatch",
     "GaussianLikelihood",
+    "CollapseWarning",
 ]
