@@ -161,13 +161,23 @@ class KLWarmup:
     linear to ``max_weight`` at ``end``, constant after.
 
     Epochs may be fractional: call it every step with ``epoch + step / steps_per_epoch``
-    so that the weight ramps smoothly. The authors' recipe is ``KLWarmup(start=5, end=20)`` for 200 epochs.
+    so that the weight ramps smoothly. A ramp must last at least one epoch (or be
+    absent, ``start == end``): faster, the prior prunes weights before the data had a say.
+    The authors' recipe is ``KLWarmup(start=5, end=20)`` for 200 epochs.
     """
+
+    #: The shortest ramp, in epochs.
+    MIN_RAMP = 1.0
 
     def __init__(self, start=0.0, end=20.0, max_weight=1.0):
         start, end, max_weight = float(start), float(end), float(max_weight)
         if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end):
             raise ValueError(f"need 0 ≤ start ≤ end, got start={start}, end={end}")
+        if 0 < end - start < self.MIN_RAMP - 1e-9:  # a tolerance for start + 1 rounded
+            raise ValueError(f"the warm-up from epoch {start:g} to {end:g} would take the KL weight from 0 to "
+                             f"{max_weight:g} in less than an epoch, pruning weights before the data shaped them; "
+                             f"ramp over at least {self.MIN_RAMP:g} epoch (end ≥ start + {self.MIN_RAMP:g}), or "
+                             "pass start == end for no warm-up")
         if not (math.isfinite(max_weight) and max_weight >= 0):
             raise ValueError(f"max_weight must be finite and ≥ 0, got {max_weight}")
         self.start, self.end, self.max_weight = start, end, max_weight

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd.experiments.demo import accuracy, train
+from sparsevd.experiments.loop import accuracy, train
 from sparsevd.experiments.models import lenet_300_100
 
 
@@ -76,8 +76,11 @@ def test_kl_warmup():
     assert [per_step(1 + i / 4) for i in range(5)] == [0.0, 0.125, 0.25, 0.375, 0.5]
     with pytest.raises(ValueError, match="start ≤ end"):
         sparsevd.KLWarmup(start=10, end=5)
+    with pytest.raises(ValueError, match="in less than an epoch"):
+        sparsevd.KLWarmup(start=0.125, end=0.5)  # the authors' 5 → 20 of 200 epochs, scaled to 5 epochs
     with pytest.raises(ValueError, match="max_weight"):
         sparsevd.KLWarmup(0, 1, max_weight=-1)
+    assert sparsevd.KLWarmup(0.025, 1.025).end == 1.025  # start + 1, rounded, is a ramp of one epoch
 
 
 def _one_hot_data(n, classes=10, features=20, seed=0):

@@ -29,3 +29,4 @@ def lenet5_caffe(bayesian=True):
 
 
 MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe}
+NETWORK_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}

@@ -3,8 +3,9 @@
 - ``weights.png``: the masks of the first conv layer's filters and of a 100×100 patch of
   the first fully-connected layer at several epochs (pruned weights white);
 - ``log_alpha.png``: the histogram of log α per layer, with the pruning threshold;
-- ``training.png``: validation error and compression per epoch;
-- ``threshold.png``: validation error and compression against the threshold.
+- ``training.png``: error, loss, compression and KL weight per epoch;
+- ``threshold.png``: validation error and compression against the threshold;
+- ``tradeoff.png``: validation error against compression across the thresholds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import sparsevd
+
+#: The 100×100 patch of the first fully-connected layer that the weight plots follow.
+PATCH = 100
+
+
+def snapshot(model):
+    """The first conv layer's filters and a 100×100 patch of the first fully-connected
+    layer, pruned weights zeroed (float16: only for plotting)."""
+    snap = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):  # linear and conv2d layers
+            continue
+        with torch.no_grad():
+            w = weight * module.mask() if isinstance(module, sparsevd.SparseVDModule) else weight
+        key = "conv" if w.dim() == 4 else "fc"
+        if key not in snap:
+            if key == "fc":
+                start = max(0, (w.shape[1] - PATCH) // 2)  # the middle inputs: the image centre for an MLP
+                w = w[:PATCH, start : start + PATCH]
+            snap[key] = w.detach().to("cpu", torch.float16).clone()
+    return snap
+
+
+def snapshot_epochs(epochs):
+    """The epochs after which the weight plots are recorded (0 = initialisation)."""
+    return sorted({0, epochs} | {max(1, round(epochs * f)) for f in (0.05, 0.1, 0.2, 0.35, 0.5, 0.75)})
 
 
 def _tile_filters(filters, columns=5):
@@ -36,22 +64,23 @@ def _times(v):
     return f"{v:,.0f}×" if v >= 100 else f"{v:.3g}×"
 
 
-def _compression_axis(ax, values):
-    """Compression on the y axis, labelled 1×, 2×, 5×, 10×, ...: log scale when the values
-    span more than 3×, with the minor ticks labelled when they span less than a decade."""
-    ax.set_ylabel("compression |W| / |W≠0|", color="tab:green")
+def _compression_axis(ax, values, which="y", color="tab:green"):
+    """Compression on the ``which`` axis, labelled 1×, 2×, 5×, 10×, ...: log scale when
+    the values span more than 3×, with the minor ticks labelled when they span less than a decade."""
+    axis = getattr(ax, f"{which}axis")
+    axis.set_label_text("compression |W| / |W≠0|", color=color)
     values = [v for v in values if math.isfinite(v)]  # inf: everything pruned, not drawn
     if not values:
         return
     lo, hi = min(values), max(values)
     times = FuncFormatter(lambda v, _: _times(v))
     if hi < 3 * lo:
-        ax.yaxis.set_major_formatter(times)
+        axis.set_major_formatter(times)
         return
-    ax.set_yscale("log")
+    getattr(ax, f"set_{which}scale")("log")
     digits = (2, 3, 4, 5, 6, 7, 8, 9) if hi < 10 * lo else (2, 5)
-    ax.yaxis.set_major_formatter(times)
-    ax.yaxis.set_minor_formatter(FuncFormatter(
+    axis.set_major_formatter(times)
+    axis.set_minor_formatter(FuncFormatter(
         lambda v, _: _times(v) if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 3) in digits else ""))
 
 
@@ -96,33 +125,53 @@ def log_alpha(model, threshold, path):
     fig.savefig(path, dpi=90)
 
 
+def _whole_curve(ax, values):
+    """Limits that show every value: a log scale when they span more than a decade (the
+    first epochs' error or loss is often tens of times the last ones'), else linear
+    from 0 with some headroom."""
+    values = [v for v in values if math.isfinite(v)]
+    positive = [v for v in values if v > 0]
+    if positive and len(positive) == len(values) and max(positive) > 10 * min(positive):
+        ax.set_yscale("log")
+        ax.set_ylim(min(positive) / 1.3, max(positive) * 1.3)
+    elif values:
+        ax.set_ylim(min(0, min(values)), 1.1 * max(values) or 1)
+
+
 def training(history, path):
-    """Validation error and (for SparseVD) compression and kl_weight per epoch."""
+    """Validation and training error, the loss, and (for SparseVD) compression and the KL
+    weight per epoch."""
     epochs = [h["epoch"] for h in history]
     bayesian = any(h["total"] for h in history)
-    fig = Figure(figsize=(9 if bayesian else 5, 3.4), layout="constrained")
-    axes = fig.subplots(1, 2 if bayesian else 1, squeeze=False)[0]
-    axes[0].plot(epochs, [h["val_error"] for h in history], label="validation error")
-    axes[0].plot(epochs, [100 * (1 - h["train_acc"]) for h in history], label="training error (stochastic)",
-                 alpha=0.7)
+    fig = Figure(figsize=(13 if bayesian else 9, 3.4), layout="constrained")
+    axes = fig.subplots(1, 3 if bayesian else 2, squeeze=False)[0]
+    errors = {"validation error": [h["val_error"] for h in history],
+              "training error (stochastic)": [100 * (1 - h["train_acc"]) for h in history]}
+    for label, values in errors.items():
+        axes[0].plot(epochs, values, label=label, alpha=1 if label.startswith("val") else 0.7)
+    _whole_curve(axes[0], [v for values in errors.values() for v in values])
+    axes[0].set_ylabel("error %")
+    axes[0].legend(fontsize=8)
+    losses = [h["loss"] for h in history]
+    axes[1].plot(epochs, losses, color="tab:red")
+    _whole_curve(axes[1], losses)
+    axes[1].set_ylabel("training loss (SGVLB per example)" if bayesian else "training loss (cross-entropy)")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("error %")
-    axes[0].set_ylim(0, min(100, 1.2 * max(h["val_error"] for h in history) + 1))
-    axes[0].legend(fontsize=8)
-    axes[0].grid(alpha=0.3)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
     if bayesian:
-        ax = axes[1]
+        ax = axes[2]
         compression = [h["total"] / max(h["kept"], 1) for h in history]
         ax.plot(epochs, compression, color="tab:green")
         _compression_axis(ax, compression)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        if history[-1].get("threshold"):  # not in the history of checkpoints from before it was recorded
+            ax.set_title(f"kept: log α < {history[-1]['threshold']}", fontsize=9)
         twin = ax.twinx()
-        twin.plot(epochs, [h["kl_weight"] for h in history], color="tab:gray", linestyle=":")
-        twin.set_ylabel("kl_weight (dotted)", color="tab:gray")
-        twin.set_ylim(0, 1.05)
+        kl_weights = [h["kl_weight"] for h in history]
+        twin.plot(epochs, kl_weights, color="tab:gray", linestyle=":")
+        twin.set_ylabel("KL weight (dotted)", color="tab:gray")
+        twin.set_ylim(0, 1.05 * max(max(kl_weights), 1e-3))
     fig.savefig(path, dpi=90)
 
 
@@ -144,9 +193,35 @@ def threshold(curve, chosen, path):
     fig.savefig(path, dpi=90)
 
 
-def plot_run(out, history, snapshots, model=None, curve=None, chosen=None):
+def tradeoff(curve, chosen, dense_error, path):
+    """Validation error against compression, one point per threshold: what pruning more
+    costs in accuracy."""
+    finite = [p for p in curve if math.isfinite(p["compression"])]
+    fig = Figure(figsize=(6.5, 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([p["compression"] for p in finite], [p["val_error"] for p in finite], marker=".", color="tab:blue")
+    for p in finite:
+        if p["threshold"] == round(p["threshold"]):
+            ax.annotate(f"{p['threshold']:g}", (p["compression"], p["val_error"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+    marked = [p for p in finite if p["threshold"] == chosen]
+    if marked:
+        ax.plot([marked[0]["compression"]], [marked[0]["val_error"]], marker="*", markersize=12, color="black",
+                linestyle="none", label=f"chosen: log α < {chosen:g}")
+    if dense_error is not None:
+        ax.axhline(dense_error, color="tab:gray", linestyle="--", label=f"dense network {dense_error:.2f}%")
+    _compression_axis(ax, [p["compression"] for p in finite], which="x", color="black")
+    ax.set_title("labels: the threshold t on log α (kept where log α < t)", fontsize=9)
+    ax.set_ylabel("validation error %")
+    ax.grid(alpha=0.3, which="both")
+    if marked or dense_error is not None:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+
+
+def plot_run(out, history, snapshots, model=None, curve=None, chosen=None, dense_error=None):
     """All plots of a run into ``out``; returns their file names. ``model`` and ``curve``
-    only for a SparseVD run."""
+    only for a SparseVD run; ``dense_error``: a dense run's validation error % to compare with."""
     names = []
 
     def save(name, draw, *args):
@@ -161,4 +236,5 @@ def plot_run(out, history, snapshots, model=None, curve=None, chosen=None):
         save("log_alpha.png", log_alpha, model, chosen)
     if curve:
         save("threshold.png", threshold, curve, chosen)
+        save("tradeoff.png", tradeoff, curve, chosen, dense_error)
     return names
