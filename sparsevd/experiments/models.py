@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .conv import SparseVDConv2d
-from .layers import SparseVDLinear
+from sparsevd import SparseVDConv2d, SparseVDLinear
 
 
 def lenet_300_100(bayesian=True):
@@ -30,3 +29,4 @@ def lenet5_caffe(bayesian=True):
 
 
 MODELS = {"lenet300": lenet_300_100, "lenet5": lenet5_caffe}
+NETWORK_NAMES = {"lenet300": "LeNet-300-100", "lenet5": "LeNet-5-Caffe"}

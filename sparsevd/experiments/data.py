@@ -1,4 +1,4 @@
-"""Small real data sets that are available offline."""
+"""Small real data sets that are available offline, and the splits the training command uses."""
 
 from __future__ import annotations
 
@@ -119,3 +119,38 @@ def fashion_mnist(directory=FASHION_MNIST_DIR):
             f"Fashion-MNIST not found in {directory}: apt-get install dataset-fashion-mnist, "
             "or pass the directory holding its IDX files")
     return idx_dataset(directory)
+
+
+def load_data(c):
+    """Train / validation / test tensors on c.device, from the training command's flags
+    ``c``: the data set's name and a dict of images [N, 1, 28, 28] and int64 labels.
+
+    The splits are fixed (seed 0) whatever the run's seed, so runs compare on the same
+    images; --random-labels shuffles the training labels only, so that validation and
+    test errors measure what the network learned about the real labels.
+    """
+    if c.data_dir:
+        train_x, train_y, test_x, test_y = idx_dataset(c.data_dir)
+        name = c.data_dir
+    elif c.dataset == "fashion-mnist":
+        train_x, train_y, test_x, test_y = fashion_mnist()
+        name = "Fashion-MNIST"
+    else:
+        images, labels = mnist_5k()
+        train_x, train_y, test_x, test_y = train_test_split(images.reshape(-1, 1, 28, 28), labels)
+        name = "MNIST-5k"
+    if train_x.shape[1:] != (1, 28, 28) or test_x.shape[1:] != (1, 28, 28):
+        raise ValueError(f"{name}: the LeNets need 28×28 images, got {tuple(train_x.shape[2:])}")
+    for split, y in (("training", train_y), ("test", test_y)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
+            raise ValueError(f"{name}: {split} labels must be 0..9, got {int(y.min())}..{int(y.max())}")
+    train_x, train_y, val_x, val_y = train_test_split(train_x, train_y, c.val_fraction)
+    if c.train_size is not None:
+        train_x, train_y = train_x[: c.train_size], train_y[: c.train_size]
+    if min(len(train_y), len(val_y), len(test_y)) == 0:
+        raise ValueError(f"{name}: empty split ({len(train_y)} train / {len(val_y)} validation / {len(test_y)} test)")
+    if c.random_labels:
+        train_y = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(c.seed + 1))]
+    data = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,
+            "test_x": test_x, "test_y": test_y}
+    return name, {k: v.to(c.device) for k, v in data.items()}

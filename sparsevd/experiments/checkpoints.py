@@ -1,0 +1,73 @@
+"""The training command's checkpoints: written every epoch, read back by --resume (the
+same run only) and by --init-from (a dense run of the same network and data)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import sparsevd
+
+from .config import INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
+from .models import MODELS, NETWORK_NAMES
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "sparsevd.train checkpoint v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed: unreadable, from another run, or missing."""
+
+
+def save_checkpoint(path, state):
+    # Write then rename: a run killed while saving leaves the previous checkpoint intact.
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, device, flag, prefix="", advice=""):
+    """The checkpoint dict at ``path``; a missing, damaged or foreign file is a CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{flag}: no checkpoint {path}")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{prefix}{path} is corrupt or not a checkpoint "
+                              f"({type(error).__name__}: {error}){advice}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{prefix}{path} is not a {CHECKPOINT_FORMAT} file")
+    return state
+
+
+def load_checkpoint(path, config, device):
+    """The checkpoint at ``path`` as a dict, after checking it belongs to this run."""
+    state = read_checkpoint(path, device, "--resume", advice="; delete it to start over")
+    saved = state["config"]
+    differ = [f"{k}: checkpoint {saved.get(k, SETTINGS_BEFORE.get(k))!r}, now {config[k]!r}" for k in RUN_SETTINGS
+              if saved.get(k, SETTINGS_BEFORE.get(k)) != config[k]]
+    if differ:
+        raise CheckpointError(f"{path} was written by a different run ({'; '.join(differ)}); "
+                              "use the same settings or another --out")
+    return state
+
+
+def load_pretrained(c, device):
+    """The dense network of the run in ``c.init_from`` as a state dict of a SparseVD model
+    (``sparsevd.convert`` of it), after checking that run fits this one."""
+    path = os.path.join(c.init_from, CHECKPOINT)
+    state = read_checkpoint(path, device, "--init-from", prefix="--init-from: ")
+    saved = state["config"]
+    if saved.get("method") != "dense":
+        raise CheckpointError(f"--init-from: {path} is a {saved.get('method')} run; it must be a dense one")
+    differ = [f"{k}: {saved.get(k)!r} there, {getattr(c, k)!r} here" for k in INIT_SETTINGS
+              if saved.get(k) != getattr(c, k)]
+    if differ:
+        raise CheckpointError(f"--init-from: {path} was trained on another network or data ({'; '.join(differ)})")
+    dense = MODELS[c.model](bayesian=False).to(device)
+    try:
+        dense.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"--init-from: {path} does not fit {NETWORK_NAMES[c.model]}: {error}") from None
+    return sparsevd.convert(dense, log_sigma2_init=c.init_log_sigma2).state_dict(), state["epoch"]
