@@ -12,7 +12,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = ["sparsevd", "sparsevd.triton_kernels"]
+PACKAGES = ["sparsevd", "sparsevd.backends", "sparsevd.experiments", "sparsevd.triton_kernels"]
 PACKAGE_DIR = {"sparsevd": "sparsevd", "sparsevd.triton_kernels": "triton_kernels"}
 
 
