@@ -1,0 +1,332 @@
+"""Fused dual-GEMM Triton kernels of the LRT linear layer: each kernel runs the layer's two
+products that share an operand in one loop, into two fp32 accumulators.
+
+    forward   μ = x·θᵀ + b and v = x²·exp(log σ²)ᵀ  →  writes μ and s = sqrt(v + 1e-8)
+    ∂θ, ∂log σ²   gᵀ·x and hᵀ·x², the second times exp(log σ²) in the epilogue
+    ∂x            g·θ and h·exp(log σ²), epilogue g·θ + 2x ⊙ (h·exp(log σ²))
+
+x² and exp(log σ²) come precomputed (:mod:`.lrt_elementwise`), the noise is added by a
+separate pass (:mod:`.lrt_sample`): docs/gpu.md has the measurements that ruled out
+forming the operands inside the K loop and drawing the noise in the GEMM epilogue.
+
+One program per output tile (1-D grid, grouped ordering for L2 reuse). Accumulation is
+fp32; 16-bit inputs go into ``tl.dot`` as 16-bit, fp32 inputs use TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is set and exact fp32 otherwise. Outputs are in
+the inputs' dtype.
+
+This is the LRT's route for small, launch-bound problems (one launch where cuBLAS takes
+two, plus their elementwise epilogues); at 4096³ bf16 on an H100 the forward kernel took
+0.507 ms where two cuBLAS GEMMs take 0.354 ms, so large problems take the cuBLAS route
+(``triton_kernels.lrt``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, row_stride
+
+
+def _cfg(bm, bn, bk, warps, stages, names):
+    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP": 8}, num_warps=warps, num_stages=stages)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in the forward's naming; the backward kernels
+# read them as (output rows, output cols, reduction). Two fp32 accumulators per tile: a
+# 128x128 tile holds 2·64 KiB of them, 128 registers per thread at 8 warps, so 128x128
+# needs 8 warps; bigger tiles (128x256) would spill. Measured on H100 / Triton 3.6, 4096³
+# bf16: 128x128x64/8 warps/3 stages ran the forward's dual GEMM in 0.51 ms (542 TFLOP/s),
+# 128x64 and 64x128 tiles in 0.66-0.71 ms, 2 stages 0.77 ms. The list is short on purpose:
+# every config is a compile + benchmark per new (M, N, K, dtype, flags). 16-bit inputs fit
+# all of them in shared memory; fp32 (4 operand tiles of 4 bytes) keeps the BLOCK_K=32 ones.
+_GEMM_SHAPES = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 128, 32, 8, 3),
+    (128, 64, 64, 4, 3),
+]
+#: Problems with fewer than this many multiply-adds (M·N·K) skip autotuning: one small
+#: config, one compile. Their run time is launch-bound anyway, and it keeps the CUDA tests
+#: (many odd little shapes) from compiling every config for every shape class.
+_SMALL_PROBLEM = 2**25
+_SMALL_SHAPE = (64, 64, 32, 4, 3)
+_INTERPRET_SHAPE = (32, 32, 32, 4, 1)
+
+
+def _configs(names):
+    shapes = [_INTERPRET_SHAPE] if INTERPRET else _GEMM_SHAPES + [_SMALL_SHAPE]
+    return [_cfg(*s, names=names) for s in shapes]
+
+
+def _prune(operand_tiles):
+    """Early config pruning: one small config for small problems; otherwise drop the configs
+    whose pipelined shared-memory footprint cannot fit (``operand_tiles(cfg)`` = elements
+    loaded per reduction step), which would only fail to launch after compiling."""
+
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET or len(configs) == 1:
+            return configs
+        large, small = configs[:-1], configs[-1:]  # _configs puts _SMALL_SHAPE last
+        if named_args["M"] * named_args["N"] * named_args["K"] < _SMALL_PROBLEM:
+            return small
+        elem = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
+        kept = [c for c in large if c.num_stages * operand_tiles(c.kwargs) * elem <= 200 * 1024]
+        # the small config stays as a candidate that always fits: the autotuner skips a
+        # config that fails to launch, but a lone survivor would not be benchmarked first
+        return kept + small
+
+    return prune
+
+
+def _even(dim, block):
+    return lambda args: args[dim] % args[block] == 0
+
+
+@triton.jit
+def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr):
+    # grouped ordering: GROUP row-blocks of the output share the column panels in L2
+    num_pid_r = tl.cdiv(rows, BLOCK_R)
+    num_pid_c = tl.cdiv(cols, BLOCK_C)
+    num_pid_in_group = GROUP * num_pid_c
+    group_id = pid // num_pid_in_group
+    first_pid_r = group_id * GROUP
+    group_size_r = min(num_pid_r - first_pid_r, GROUP)
+    pid_r = first_pid_r + ((pid % num_pid_in_group) % group_size_r)
+    pid_c = (pid % num_pid_in_group) // group_size_r
+    return pid_r, pid_c
+
+
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune(lambda c: 2 * c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"]))},
+)
+@triton.heuristics({"EVEN_K": _even("K", "BLOCK_K")})
+@triton.jit
+def _lrt_fwd_kernel(
+    x_ptr, x2_ptr, w_ptr, ev_ptr, b_ptr, mu_ptr, s_ptr,
+    M, N, K,
+    stride_xm, stride_x2m, stride_wn, stride_evn, stride_mum, stride_sm,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # μ = x·θᵀ + b and s = sqrt(x²·exp(log σ²)ᵀ + 1e-8) for one [BLOCK_M, BLOCK_N] tile
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # rows past the edge wrap around (valid addresses, results never stored): no M/N masks
+    # in the hot loop, only the K tail is masked
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    x2_ptrs = x2_ptr + rm[:, None] * stride_x2m + offs_k[None, :]
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None]  # [BK, BN] = θᵀ tile
+    ev_ptrs = ev_ptr + rn[None, :] * stride_evn + offs_k[:, None]
+
+    acc_mu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            x2 = tl.load(x2_ptrs)
+            w = tl.load(w_ptrs)
+            ev = tl.load(ev_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            x2 = tl.load(x2_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            ev = tl.load(ev_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc_mu = tl.dot(x, w, acc_mu, input_precision=PRECISION)
+        acc_v = tl.dot(x2, ev, acc_v, input_precision=PRECISION)
+        x_ptrs += BLOCK_K
+        x2_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+        ev_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc_mu += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    std = tl.sqrt(acc_v + 1e-8)
+    out_m = offs_m.to(tl.int64)[:, None]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(mu_ptr + out_m * stride_mum + offs_n[None, :], acc_mu.to(mu_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + out_m * stride_sm + offs_n[None, :], std.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")),
+    key=["M", "N", "K", "COMPUTE_DW", "COMPUTE_DLS"],
+    prune_configs_by={"early_config_prune": _prune(lambda c: 2 * c["BLOCK_M"] * (c["BLOCK_N"] + c["BLOCK_K"]))},
+)
+@triton.heuristics({"EVEN_M": _even("M", "BLOCK_M")})
+@triton.jit
+def _lrt_dw_kernel(
+    g_ptr, h_ptr, x_ptr, x2_ptr, ev_ptr, dw_ptr, dls_ptr,
+    M, N, K,
+    stride_gm, stride_hm, stride_xm, stride_x2m, stride_evn, stride_dwn, stride_dlsn,
+    COMPUTE_DW: tl.constexpr, COMPUTE_DLS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr, EVEN_M: tl.constexpr,
+):  # fmt: skip
+    # ∂θ = gᵀx and ∂log σ² = (hᵀ x²) ⊙ exp(log σ²) for one [BLOCK_N, BLOCK_K] tile
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    rn = offs_n % N
+    rk = offs_k % K
+    gT_ptrs = g_ptr + offs_m[None, :] * stride_gm + rn[:, None]  # [BN, BM] = gᵀ tile
+    hT_ptrs = h_ptr + offs_m[None, :] * stride_hm + rn[:, None]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + rk[None, :]  # [BM, BK]
+    x2_ptrs = x2_ptr + offs_m[:, None] * stride_x2m + rk[None, :]
+
+    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_l = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m in range(0, tl.cdiv(M, BLOCK_M)):
+        m_left = M - m * BLOCK_M
+        if COMPUTE_DW:
+            if EVEN_M:
+                gT = tl.load(gT_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                gT = tl.load(gT_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
+                x = tl.load(x_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
+            acc_w = tl.dot(gT, x, acc_w, input_precision=PRECISION)
+        if COMPUTE_DLS:
+            if EVEN_M:
+                hT = tl.load(hT_ptrs)
+                x2 = tl.load(x2_ptrs)
+            else:
+                hT = tl.load(hT_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
+                x2 = tl.load(x2_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
+            acc_l = tl.dot(hT, x2, acc_l, input_precision=PRECISION)
+        x_ptrs += BLOCK_M * stride_xm
+        x2_ptrs += BLOCK_M * stride_x2m
+        gT_ptrs += BLOCK_M * stride_gm
+        hT_ptrs += BLOCK_M * stride_hm
+
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    out_n = offs_n.to(tl.int64)[:, None]
+    if COMPUTE_DW:
+        tl.store(dw_ptr + out_n * stride_dwn + offs_k[None, :], acc_w.to(dw_ptr.dtype.element_ty), mask=mask)
+    if COMPUTE_DLS:
+        ev = tl.load(ev_ptr + rn.to(tl.int64)[:, None] * stride_evn + rk[None, :]).to(tl.float32)
+        tl.store(dls_ptr + out_n * stride_dlsn + offs_k[None, :], (acc_l * ev).to(dls_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(
+    configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")),
+    key=["M", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune(lambda c: c["BLOCK_N"] * (2 * c["BLOCK_M"] + 2 * c["BLOCK_K"]))},
+)
+@triton.heuristics({"EVEN_N": _even("N", "BLOCK_N")})
+@triton.jit
+def _lrt_dx_kernel(
+    g_ptr, h_ptr, w_ptr, ev_ptr, x_ptr, dx_ptr,
+    M, N, K,
+    stride_gm, stride_hm, stride_wn, stride_evn, stride_xm, stride_dxm,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
+    # ∂x = g·θ + 2x ⊙ (h·exp(log σ²)) for one [BLOCK_M, BLOCK_K] tile
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)
+    rk = offs_k % K
+    g_ptrs = g_ptr + rm[:, None] * stride_gm + offs_n[None, :]  # [BM, BN]
+    h_ptrs = h_ptr + rm[:, None] * stride_hm + offs_n[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + rk[None, :]  # [BN, BK]
+    ev_ptrs = ev_ptr + offs_n[:, None] * stride_evn + rk[None, :]
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_h = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n in range(0, tl.cdiv(N, BLOCK_N)):
+        if EVEN_N:
+            g = tl.load(g_ptrs)
+            h = tl.load(h_ptrs)
+            w = tl.load(w_ptrs)
+            ev = tl.load(ev_ptrs)
+        else:
+            n_left = N - n * BLOCK_N
+            g = tl.load(g_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
+            h = tl.load(h_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
+            ev = tl.load(ev_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
+        acc_g = tl.dot(g, w, acc_g, input_precision=PRECISION)
+        acc_h = tl.dot(h, ev, acc_h, input_precision=PRECISION)
+        g_ptrs += BLOCK_N
+        h_ptrs += BLOCK_N
+        w_ptrs += BLOCK_N * stride_wn
+        ev_ptrs += BLOCK_N * stride_evn
+
+    x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :]).to(tl.float32)
+    dx = acc_g + 2.0 * x * acc_h
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    out_m = offs_m.to(tl.int64)[:, None]
+    tl.store(dx_ptr + out_m * stride_dxm + offs_k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def forward(x, x2, weight, ev, bias, precision):
+    """(μ, s) [M, N] by the dual-GEMM kernel; x, x2, weight, ev with unit column stride."""
+    M, K = x.shape
+    N = weight.shape[0]
+    mu = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    std = torch.empty((M, N), dtype=x.dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _lrt_fwd_kernel[grid](
+        x, x2, weight, ev, x if bias is None else bias, mu, std,
+        M, N, K,
+        row_stride(x), row_stride(x2), row_stride(weight), row_stride(ev), N, N,
+        HAS_BIAS=bias is not None, PRECISION=precision,
+    )  # fmt: skip
+    return mu, std
+
+
+def weight_grads(g, h, x, x2, ev, need_dw, need_dls, precision):
+    """(gᵀx, (hᵀx²) ⊙ ev) [N, K] by one dual-GEMM kernel; None for those not needed."""
+    M, K = x.shape
+    N = g.shape[1]
+    dw = torch.empty((N, K), dtype=x.dtype, device=x.device) if need_dw else None
+    dls = torch.empty((N, K), dtype=x.dtype, device=x.device) if need_dls else None
+    # a pair not needed is never read: any valid pointer of the right dtype stands in
+    h, x2, ev = (h, x2, ev) if need_dls else (g, x, x)
+    first = dw if need_dw else dls
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    _lrt_dw_kernel[grid](
+        g, h, x, x2, ev, first, dls if need_dls else first,
+        M, N, K,
+        row_stride(g), row_stride(h), row_stride(x), row_stride(x2), row_stride(ev), K, K,
+        COMPUTE_DW=need_dw, COMPUTE_DLS=need_dls, PRECISION=precision,
+    )  # fmt: skip
+    return dw, dls
+
+
+def input_grad(g, h, weight, ev, x, precision):
+    """g·θ + 2x ⊙ (h·ev) [M, K] by one dual-GEMM kernel."""
+    M, K = x.shape
+    N = weight.shape[0]
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+
+    _lrt_dx_kernel[grid](
+        g, h, weight, ev, x, dx,
+        M, N, K,
+        row_stride(g), row_stride(h), row_stride(weight), row_stride(ev), row_stride(x), K,
+        PRECISION=precision,
+    )  # fmt: skip
+    return dx
