@@ -18,6 +18,7 @@ from sparsevd.triton_kernels import kl  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu  # on a GPU machine every test here runs on CUDA
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot here: bf16 is fine interpreted
 # (100, 113) spans many programs and (in the interpreter) a multi-step final sum
