@@ -22,6 +22,8 @@ two, plus their elementwise epilogues); at 4096³ bf16 on an H100 the forward ke
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,55 +31,41 @@ import triton.language as tl
 from ._common import INTERPRET, row_stride
 
 
-def _cfg(bm, bn, bk, warps, stages, names):
-    return triton.Config({names[0]: bm, names[1]: bn, names[2]: bk, "GROUP": 8}, num_warps=warps, num_stages=stages)
+# (output-row block, output-column block, reduction block, warps, stages). Measured on H100 /
+# Triton 3.6, 4096³ bf16, forward dual GEMM: 128x128x64 with 8 warps and 3 stages ran in
+# 0.51 ms (542 TFLOP/s), 128x64 and 64x128 tiles in 0.66-0.71 ms, 2 stages in 0.77 ms. Two
+# fp32 accumulators per tile: 128x128 needs 8 warps (128 registers per thread for them);
+# larger tiles spill. fp32 operands take twice the shared memory: BLOCK 32 along the
+# reduction keeps 3 stages in it (3 · 2 · 32 · 256 · 4 B = 192 KiB).
+# No autotuning: this route serves the small problems (the cuBLAS route takes the large
+# ones), where compiling and timing configs per new shape would cost more than it saves.
+_LARGE_16BIT = (128, 128, 64, 8, 3)
+_LARGE_FP32 = (128, 128, 32, 8, 3)
+_SMALL = (64, 64, 32, 4, 3)
+_INTERPRET_TILE = (32, 32, 32, 4, 1)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) in the forward's naming; the backward kernels
-# read them as (output rows, output cols, reduction). Two fp32 accumulators per tile: a
-# 128x128 tile holds 2·64 KiB of them, 128 registers per thread at 8 warps, so 128x128
-# needs 8 warps; bigger tiles (128x256) would spill. Measured on H100 / Triton 3.6, 4096³
-# bf16: 128x128x64/8 warps/3 stages ran the forward's dual GEMM in 0.51 ms (542 TFLOP/s),
-# 128x64 and 64x128 tiles in 0.66-0.71 ms, 2 stages 0.77 ms. The list is short on purpose:
-# every config is a compile + benchmark per new (M, N, K, dtype, flags). 16-bit inputs fit
-# all of them in shared memory; fp32 (4 operand tiles of 4 bytes) keeps the BLOCK_K=32 ones.
-_GEMM_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 8, 4),
-    (128, 128, 32, 8, 3),
-    (128, 64, 64, 4, 3),
-]
-#: Problems with fewer than this many multiply-adds (M·N·K) skip autotuning: one small
-#: config, one compile. Their run time is launch-bound anyway, and it keeps the CUDA tests
-#: (many odd little shapes) from compiling every config for every shape class.
-_SMALL_PROBLEM = 2**25
-_SMALL_SHAPE = (64, 64, 32, 4, 3)
-_INTERPRET_SHAPE = (32, 32, 32, 4, 1)
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _configs(names):
-    shapes = [_INTERPRET_SHAPE] if INTERPRET else _GEMM_SHAPES + [_SMALL_SHAPE]
-    return [_cfg(*s, names=names) for s in shapes]
+def _tile(rows, cols, dtype, device):
+    """The tile for an output of rows × cols: the large one when its tiles fill every
+    multiprocessor at least once, else the small one (4× as many tiles)."""
+    if INTERPRET:
+        return _INTERPRET_TILE
+    large = _LARGE_FP32 if dtype == torch.float32 else _LARGE_16BIT
+    if triton.cdiv(rows, large[0]) * triton.cdiv(cols, large[1]) < _multiprocessors(device):
+        return _SMALL
+    return large
 
 
-def _prune(operand_tiles):
-    """Early config pruning: one small config for small problems; otherwise drop the configs
-    whose pipelined shared-memory footprint cannot fit (``operand_tiles(cfg)`` = elements
-    loaded per reduction step), which would only fail to launch after compiling."""
-
-    def prune(configs, named_args, **kwargs):
-        if INTERPRET or len(configs) == 1:
-            return configs
-        large, small = configs[:-1], configs[-1:]  # _configs puts _SMALL_SHAPE last
-        if named_args["M"] * named_args["N"] * named_args["K"] < _SMALL_PROBLEM:
-            return small
-        elem = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
-        kept = [c for c in large if c.num_stages * operand_tiles(c.kwargs) * elem <= 200 * 1024]
-        # the small config stays as a candidate that always fits: the autotuner skips a
-        # config that fails to launch, but a lone survivor would not be benchmarked first
-        return kept + small
-
-    return prune
+def _launch(kernel, rows, cols, names, args, dtype, device, **meta):
+    br, bc, bk, warps, stages = _tile(rows, cols, dtype, device)
+    grid = (triton.cdiv(rows, br) * triton.cdiv(cols, bc),)
+    blocks = dict(zip(names, (br, bc, bk)))
+    kernel[grid](*args, **meta, **blocks, GROUP=8, num_warps=warps, num_stages=stages)
 
 
 def _even(dim, block):
@@ -98,11 +86,6 @@ def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     return pid_r, pid_c
 
 
-@triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K")),
-    key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune(lambda c: 2 * c["BLOCK_K"] * (c["BLOCK_M"] + c["BLOCK_N"]))},
-)
 @triton.heuristics({"EVEN_K": _even("K", "BLOCK_K")})
 @triton.jit
 def _lrt_fwd_kernel(
@@ -157,11 +140,6 @@ def _lrt_fwd_kernel(
     tl.store(s_ptr + out_m * stride_sm + offs_n[None, :], std.to(s_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=_configs(("BLOCK_N", "BLOCK_K", "BLOCK_M")),
-    key=["M", "N", "K", "COMPUTE_DW", "COMPUTE_DLS"],
-    prune_configs_by={"early_config_prune": _prune(lambda c: 2 * c["BLOCK_M"] * (c["BLOCK_N"] + c["BLOCK_K"]))},
-)
 @triton.heuristics({"EVEN_M": _even("M", "BLOCK_M")})
 @triton.jit
 def _lrt_dw_kernel(
@@ -218,11 +196,6 @@ def _lrt_dw_kernel(
         tl.store(dls_ptr + out_n * stride_dlsn + offs_k[None, :], (acc_l * ev).to(dls_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=_configs(("BLOCK_M", "BLOCK_K", "BLOCK_N")),
-    key=["M", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune(lambda c: c["BLOCK_N"] * (2 * c["BLOCK_M"] + 2 * c["BLOCK_K"]))},
-)
 @triton.heuristics({"EVEN_N": _even("N", "BLOCK_N")})
 @triton.jit
 def _lrt_dx_kernel(
@@ -280,15 +253,10 @@ def forward(x, x2, weight, ev, bias, precision):
     mu = torch.empty((M, N), dtype=x.dtype, device=x.device)
     std = torch.empty((M, N), dtype=x.dtype, device=x.device)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _lrt_fwd_kernel[grid](
-        x, x2, weight, ev, x if bias is None else bias, mu, std,
-        M, N, K,
-        row_stride(x), row_stride(x2), row_stride(weight), row_stride(ev), N, N,
-        HAS_BIAS=bias is not None, PRECISION=precision,
-    )  # fmt: skip
+    args = (x, x2, weight, ev, x if bias is None else bias, mu, std, M, N, K,
+            row_stride(x), row_stride(x2), row_stride(weight), row_stride(ev), N, N)
+    _launch(_lrt_fwd_kernel, M, N, ("BLOCK_M", "BLOCK_N", "BLOCK_K"), args, x.dtype, x.device,
+            HAS_BIAS=bias is not None, PRECISION=precision)
     return mu, std
 
 
@@ -302,15 +270,10 @@ def weight_grads(g, h, x, x2, ev, need_dw, need_dls, precision):
     h, x2, ev = (h, x2, ev) if need_dls else (g, x, x)
     first = dw if need_dw else dls
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _lrt_dw_kernel[grid](
-        g, h, x, x2, ev, first, dls if need_dls else first,
-        M, N, K,
-        row_stride(g), row_stride(h), row_stride(x), row_stride(x2), row_stride(ev), K, K,
-        COMPUTE_DW=need_dw, COMPUTE_DLS=need_dls, PRECISION=precision,
-    )  # fmt: skip
+    args = (g, h, x, x2, ev, first, dls if need_dls else first, M, N, K,
+            row_stride(g), row_stride(h), row_stride(x), row_stride(x2), row_stride(ev), K, K)
+    _launch(_lrt_dw_kernel, N, K, ("BLOCK_N", "BLOCK_K", "BLOCK_M"), args, x.dtype, x.device,
+            COMPUTE_DW=need_dw, COMPUTE_DLS=need_dls, PRECISION=precision)
     return dw, dls
 
 
@@ -320,13 +283,7 @@ def input_grad(g, h, weight, ev, x, precision):
     N = weight.shape[0]
     dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_K"]),)
-
-    _lrt_dx_kernel[grid](
-        g, h, weight, ev, x, dx,
-        M, N, K,
-        row_stride(g), row_stride(h), row_stride(weight), row_stride(ev), row_stride(x), K,
-        PRECISION=precision,
-    )  # fmt: skip
+    args = (g, h, weight, ev, x, dx, M, N, K,
+            row_stride(g), row_stride(h), row_stride(weight), row_stride(ev), row_stride(x), K)
+    _launch(_lrt_dx_kernel, M, K, ("BLOCK_M", "BLOCK_K", "BLOCK_N"), args, x.dtype, x.device, PRECISION=precision)
     return dx
