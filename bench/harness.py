@@ -21,6 +21,11 @@ QUICK = os.environ.get("SPARSEVD_BENCH_QUICK") == "1"
 
 
 def device():
+    """The device benchmarked. ``SPARSEVD_BENCH_DEVICE=cuda`` makes a CPU machine collect the
+    GPU grid (bench/run_gpu.sh --dry-run checks its selections with --collect-only)."""
+    forced = os.environ.get("SPARSEVD_BENCH_DEVICE")
+    if forced:
+        return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
