@@ -1,7 +1,8 @@
 """LRT convolution: sparsevd's SparseVD conv (two vendor convolutions, then the fused
 sampling step ``functional.lrt_sample``) against the eager reference with torch's own
 noise, torch.compile of it, and a dense convolution of the same shape (the yardstick:
-the LRT does two convolutions forward and four backward, so ~2× is the floor)."""
+the LRT does two convolutions forward and four backward, so ~2× is the floor). Also im2col
+alone, as the pruned CSR convolution runs it: the cost model's im2col bandwidth."""
 
 import pytest
 import torch
