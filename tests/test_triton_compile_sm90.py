@@ -36,7 +36,9 @@ _SCRIPT = textwrap.dedent(
             kernel = kernel.fn  # through @autotune and @heuristics
         return kernel
 
-    def compile_kernel(kernel, dtype, constexprs, floats=()):
+    def compile_kernel(kernel, dtype, constexprs, floats=(), aligned=False):
+        # aligned: the specialization the runtime gives 16-divisible sizes, strides and
+        # addresses (the large problems), a different code path (cp.async pipelines, wgmma)
         fn = jit_function(kernel)
         signature = {}
         for name in fn.arg_names:
@@ -52,7 +54,9 @@ _SCRIPT = textwrap.dedent(
                 raise AssertionError(f"{fn.__name__}: no signature rule for argument {name}")
         missing = [n for n, p in zip(fn.arg_names, fn.params) if p.is_constexpr and n not in constexprs]
         assert not missing, f"{fn.__name__}: constexprs not given: {missing}"
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=TARGET,
+        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                 if aligned and signature[name] in ("i32", "i64", "*fp32", f"*{dtype}") and name != "seed"}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs), target=TARGET,
                        options={"num_warps": 8, "num_stages": 3})
         compiled.add(fn)
 
@@ -61,20 +65,22 @@ _SCRIPT = textwrap.dedent(
         precision = "ieee" if dtype == "fp32" else "tf32"  # strict fp32 (torch's default) and the MMAs
         for even in (False, True):
             compile_kernel(lrt_gemm._lrt_fwd_kernel, dtype, dict(
-                gemm, HAS_BIAS=even, PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, EVEN_K=even))
+                gemm, HAS_BIAS=even, PRECISION=precision, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, EVEN_K=even),
+                aligned=even)
             compile_kernel(lrt_gemm._lrt_dw_kernel, dtype, dict(
-                gemm, COMPUTE_DW=True, COMPUTE_DLS=True, PRECISION=precision, BLOCK_N=128, BLOCK_K=128,
-                BLOCK_M=32, EVEN_M=even))
+                gemm, COMPUTE_DW=True, COMPUTE_DLS=not even, PRECISION=precision, BLOCK_N=128, BLOCK_K=128,
+                BLOCK_M=32, EVEN_M=even), aligned=even)
             compile_kernel(lrt_gemm._lrt_dx_kernel, dtype, dict(
-                gemm, PRECISION=precision, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, EVEN_N=even))
+                gemm, PRECISION=precision, BLOCK_M=128, BLOCK_K=128, BLOCK_N=32, EVEN_N=even), aligned=even)
         for wide in (False, True):
             compile_kernel(lrt_sample._rows_h_kernel, dtype, dict(WIDE=wide, COMPUTE_H=True, COMPUTE_DB=True,
                                                                    BLOCK_M=64, BLOCK_N=128))
             for from_var in (False, True):
                 compile_kernel(lrt_sample._sample_kernel, dtype, dict(FROM_VAR=from_var, WIDE=wide, BLOCK=1024))
             compile_kernel(lrt_sample._half_noise_over_std_kernel, dtype, dict(WIDE=wide, BLOCK=1024))
-            compile_kernel(lrt_elementwise._operands_kernel, dtype, dict(WIDE=wide, BLOCK=1024))
-            compile_kernel(lrt_elementwise._backward_epilogue_kernel, dtype, dict(WIDE=wide, BLOCK=1024))
+            compile_kernel(lrt_elementwise._operands_kernel, dtype, dict(WIDE=wide, BLOCK=1024), aligned=wide)
+            compile_kernel(lrt_elementwise._backward_epilogue_kernel, dtype, dict(WIDE=wide, BLOCK=1024),
+                           aligned=wide)
         for grad_from_ptr in (False, True):
             compile_kernel(kl._kl_kernel, dtype, dict(COMPUTE_SUM=True, COMPUTE_GRAD=True,
                                                       GRAD_FROM_PTR=grad_from_ptr, BLOCK=1024),

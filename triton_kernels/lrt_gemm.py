@@ -86,6 +86,46 @@ def _grouped_tile(pid, rows, cols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     return pid_r, pid_c
 
 
+@triton.jit
+def _load_tail(ptrs, offs, left, AXIS: tl.constexpr, EVEN: tl.constexpr):
+    # a tile whose reduction index ``offs`` runs along AXIS: zeros past the end (``left``)
+    if EVEN:
+        tile = tl.load(ptrs)
+    elif AXIS == 0:
+        tile = tl.load(ptrs, mask=offs[:, None] < left, other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=offs[None, :] < left, other=0.0)
+    return tile
+
+
+@triton.jit
+def _dual_dot(
+    a1_ptrs, b1_ptrs, a2_ptrs, b2_ptrs, a1_step, b1_step, a2_step, b2_step, reduction, offs,
+    ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST: tl.constexpr, SECOND: tl.constexpr, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    # (Σ a1·b1, Σ a2·b2) in fp32 over the reduction, one loop: a tiles [ROWS, BLOCK], b tiles
+    # [BLOCK, COLS], each pointer advanced by its step per BLOCK; FIRST / SECOND say which
+    # products to form (the other accumulator stays zero)
+    acc1 = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    acc2 = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    for i in range(0, tl.cdiv(reduction, BLOCK)):
+        left = reduction - i * BLOCK
+        if FIRST:
+            a1 = _load_tail(a1_ptrs, offs, left, 1, EVEN)
+            b1 = _load_tail(b1_ptrs, offs, left, 0, EVEN)
+            acc1 = tl.dot(a1, b1, acc1, input_precision=PRECISION)
+        if SECOND:
+            a2 = _load_tail(a2_ptrs, offs, left, 1, EVEN)
+            b2 = _load_tail(b2_ptrs, offs, left, 0, EVEN)
+            acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
+        a1_ptrs += a1_step
+        b1_ptrs += b1_step
+        a2_ptrs += a2_step
+        b2_ptrs += b2_step
+    return acc1, acc2
+
+
 @triton.heuristics({"EVEN_K": _even("K", "BLOCK_K")})
 @triton.jit
 def _lrt_fwd_kernel(
@@ -110,27 +150,8 @@ def _lrt_fwd_kernel(
     w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None]  # [BK, BN] = θᵀ tile
     ev_ptrs = ev_ptr + rn[None, :] * stride_evn + offs_k[:, None]
 
-    acc_mu = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_v = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            x2 = tl.load(x2_ptrs)
-            w = tl.load(w_ptrs)
-            ev = tl.load(ev_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            x = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            x2 = tl.load(x2_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            ev = tl.load(ev_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc_mu = tl.dot(x, w, acc_mu, input_precision=PRECISION)
-        acc_v = tl.dot(x2, ev, acc_v, input_precision=PRECISION)
-        x_ptrs += BLOCK_K
-        x2_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        ev_ptrs += BLOCK_K
-
+    acc_mu, acc_v = _dual_dot(x_ptrs, w_ptrs, x2_ptrs, ev_ptrs, BLOCK_K, BLOCK_K, BLOCK_K, BLOCK_K, K, offs_k,
+                              BLOCK_M, BLOCK_N, BLOCK_K, True, True, EVEN_K, PRECISION)
     if HAS_BIAS:
         acc_mu += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     std = tl.sqrt(acc_v + 1e-8)
@@ -162,31 +183,9 @@ def _lrt_dw_kernel(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + rk[None, :]  # [BM, BK]
     x2_ptrs = x2_ptr + offs_m[:, None] * stride_x2m + rk[None, :]
 
-    acc_w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_l = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m in range(0, tl.cdiv(M, BLOCK_M)):
-        m_left = M - m * BLOCK_M
-        if COMPUTE_DW:
-            if EVEN_M:
-                gT = tl.load(gT_ptrs)
-                x = tl.load(x_ptrs)
-            else:
-                gT = tl.load(gT_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
-                x = tl.load(x_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
-            acc_w = tl.dot(gT, x, acc_w, input_precision=PRECISION)
-        if COMPUTE_DLS:
-            if EVEN_M:
-                hT = tl.load(hT_ptrs)
-                x2 = tl.load(x2_ptrs)
-            else:
-                hT = tl.load(hT_ptrs, mask=offs_m[None, :] < m_left, other=0.0)
-                x2 = tl.load(x2_ptrs, mask=offs_m[:, None] < m_left, other=0.0)
-            acc_l = tl.dot(hT, x2, acc_l, input_precision=PRECISION)
-        x_ptrs += BLOCK_M * stride_xm
-        x2_ptrs += BLOCK_M * stride_x2m
-        gT_ptrs += BLOCK_M * stride_gm
-        hT_ptrs += BLOCK_M * stride_hm
-
+    acc_w, acc_l = _dual_dot(gT_ptrs, x_ptrs, hT_ptrs, x2_ptrs, BLOCK_M * stride_gm, BLOCK_M * stride_xm,
+                             BLOCK_M * stride_hm, BLOCK_M * stride_x2m, M, offs_m,
+                             BLOCK_N, BLOCK_K, BLOCK_M, COMPUTE_DW, COMPUTE_DLS, EVEN_M, PRECISION)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     out_n = offs_n.to(tl.int64)[:, None]
     if COMPUTE_DW:
@@ -218,27 +217,8 @@ def _lrt_dx_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + rk[None, :]  # [BN, BK]
     ev_ptrs = ev_ptr + offs_n[:, None] * stride_evn + rk[None, :]
 
-    acc_g = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc_h = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n in range(0, tl.cdiv(N, BLOCK_N)):
-        if EVEN_N:
-            g = tl.load(g_ptrs)
-            h = tl.load(h_ptrs)
-            w = tl.load(w_ptrs)
-            ev = tl.load(ev_ptrs)
-        else:
-            n_left = N - n * BLOCK_N
-            g = tl.load(g_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
-            h = tl.load(h_ptrs, mask=offs_n[None, :] < n_left, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
-            ev = tl.load(ev_ptrs, mask=offs_n[:, None] < n_left, other=0.0)
-        acc_g = tl.dot(g, w, acc_g, input_precision=PRECISION)
-        acc_h = tl.dot(h, ev, acc_h, input_precision=PRECISION)
-        g_ptrs += BLOCK_N
-        h_ptrs += BLOCK_N
-        w_ptrs += BLOCK_N * stride_wn
-        ev_ptrs += BLOCK_N * stride_evn
-
+    acc_g, acc_h = _dual_dot(g_ptrs, w_ptrs, h_ptrs, ev_ptrs, BLOCK_N, BLOCK_N * stride_wn, BLOCK_N,
+                             BLOCK_N * stride_evn, N, offs_n, BLOCK_M, BLOCK_K, BLOCK_N, True, True, EVEN_N, PRECISION)
     x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :]).to(tl.float32)
     dx = acc_g + 2.0 * x * acc_h
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
