@@ -73,9 +73,17 @@ def _impl(name):
     return lambda x, w, s, b: torch.nn.functional.linear(x, w, b)
 
 
-def _route(impl):
-    """The route a row forces (None: the rule's)."""
-    return impl.split("-", 1)[1] if impl in ROUTE_IMPLS else None
+def _routed(impl, fn):
+    """``fn`` under the route the row forces (rows other than sparsevd-<route>: as is)."""
+    if impl not in ROUTE_IMPLS:
+        return fn
+    route = impl.split("-", 1)[1]
+
+    def run():
+        with lrt.use_route(route):
+            fn()
+
+    return run
 
 
 @pytest.mark.parametrize("case", _cases(), ids=_id)
@@ -90,7 +98,6 @@ def test_lrt_linear(benchmark, case):
     f = _impl(impl)
     params = (x, w, b) if impl == "dense" else (x, w, s, b)
     grad = torch.randn(m, n, device=DEV, dtype=dtype)
-    route = _route(impl)
 
     def once():
         if train:
@@ -99,17 +106,10 @@ def test_lrt_linear(benchmark, case):
             with torch.no_grad():
                 f(x, w, s, b)
 
-    def run():
-        if route is None:
-            once()
-        else:
-            with lrt.use_route(route):
-                once()
-
     gemms = (1 if impl == "dense" else 2) * (3 if train else 1)
     benchmark.group = f"lrt {mode} {dtype} M={m} K={k} N={n}".replace("torch.", "")
-    harness.measure(benchmark, run, DEV, impl=impl, flops=2 * m * k * n * gemms, shape=(m, k, n), dtype=str(dtype),
-                    mode=mode, macs=m * k * n)
+    harness.measure(benchmark, _routed(impl, once), DEV, impl=impl, flops=2 * m * k * n * gemms, shape=(m, k, n),
+                    dtype=str(dtype), mode=mode, macs=m * k * n)
 
 
 def _lenet(layer):
@@ -131,7 +131,6 @@ def test_lenet_300_100_training_step(benchmark, impl):
     loss_fn = nn.CrossEntropyLoss() if impl == "dense" else sparsevd.SGVLBLoss(net, dataset_size=60000)
     x = torch.randn(batch, 784, device=DEV)
     y = torch.randint(10, (batch,), device=DEV)
-    route = _route(impl)
 
     def step():
         loss = loss_fn(net(x), y)
@@ -139,14 +138,7 @@ def test_lenet_300_100_training_step(benchmark, impl):
         loss.backward()
         optimizer.step()
 
-    def run():
-        if route is None:
-            step()
-        else:
-            with lrt.use_route(route):
-                step()
-
     gemms = 3 if impl == "dense" else 6
     flops = sum(2 * batch * a * b * gemms for a, b in ((784, 300), (300, 100), (100, 10)))
     benchmark.group = f"lenet-300-100 training step batch {batch} float32"
-    harness.measure(benchmark, run, DEV, impl=impl, flops=flops)
+    harness.measure(benchmark, _routed(impl, step), DEV, impl=impl, flops=flops)
