@@ -501,3 +501,27 @@ def test_cuda_tf32(route):
     assert err_ieee < 1e-4
     assert err_tf32 <= 2 * (same_tf32.double() - ref64).abs().max().item() + 1e-5
     assert err_tf32 > err_ieee  # TF32 really was used
+
+
+@cuda_only
+@pytest.mark.parametrize("route", ROUTES)
+def test_cuda_torch_compile_inductor(route):
+    # the Triton-backed ops inside an inductor graph (fullgraph), gradients as in eager;
+    # the interpreter cannot run this (fake tensors have no data)
+    import sparsevd
+
+    M, K, N = 64, 96, 48
+    inputs = make_inputs(M, K, N, torch.float32, seed=13)
+    seed = torch.tensor(7, dtype=torch.int64)
+
+    def loss(x, w, ls, b):
+        y = sparsevd.functional.lrt_linear(x, w, ls, b, seed=seed)
+        return y.square().mean() + sparsevd.functional.kl_divergence(w, ls) / 1000
+
+    eager = [t.clone().requires_grad_() for t in inputs]
+    compiled = [t.clone().requires_grad_() for t in inputs]
+    with lrt.use_route(route):
+        want = torch.autograd.grad(loss(*eager), eager)
+        got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*compiled), compiled)
+    for name, g, w in zip(("dx", "dweight", "dlog_sigma2", "dbias"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
