@@ -197,6 +197,25 @@ def test_expanded_grad(route):
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("route", ROUTES)
+def test_autocast_does_not_reach_the_products(route):
+    # autocast is still on inside a custom op's kernel: the launchers must compute in the
+    # inputs' dtype (the op's fake promises it), whatever autocast would do to torch.mm
+    M, K, N = 19, 23, 11
+    x, w, ls, b = make_inputs(M, K, N, torch.float32, seed=14)
+    y, s = lrt.lrt_forward(x, w, ls, b, 4, route=route)
+    grad = torch.randn(M, N, device=DEVICE)
+    grads = lrt.lrt_backward(grad, x, w, ls, s, 4, (True, True, True, True), route=route)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y2, s2 = lrt.lrt_forward(x, w, ls, b, 4, route=route)
+        grads2 = lrt.lrt_backward(grad, x, w, ls, s, 4, (True, True, True, True), route=route)
+    assert y2.dtype == s2.dtype == torch.float32
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    for g1, g2 in zip(grads, grads2):
+        assert g2.dtype == torch.float32
+        torch.testing.assert_close(g2, g1, rtol=0, atol=0)
+
+
 def test_input_checks():
     x, w, ls, b = make_inputs(5, 6, 7, torch.float32)
     with pytest.raises(TypeError, match="share one dtype"):

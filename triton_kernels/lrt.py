@@ -109,6 +109,13 @@ def _check_inputs(x, weight, log_sigma2, bias):
     check_device(x, "LRT")
 
 
+def _own_dtype(device):
+    """Autocast reaches into a custom op's kernel: the products run in the inputs' dtype."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _pick(chosen, M, N, K, dtype):
     if chosen is None:
         return route(M, N, K, dtype)
@@ -126,9 +133,13 @@ def lrt_forward(x, weight, log_sigma2, bias, seed, *, route=None, _wide=None):
     (default: :func:`route` of the shape). ``_wide`` (tests only) forces 64-bit noise offsets.
     """
     _check_inputs(x, weight, log_sigma2, bias)
+    with _own_dtype(x.device):
+        return _forward(x, weight, log_sigma2, bias, normalize_seed(seed), route, _wide)
+
+
+def _forward(x, weight, log_sigma2, bias, seed, route, _wide):
     M, K = x.shape
     N = weight.shape[0]
-    seed = normalize_seed(seed)
     wide = is_wide(M * N) if _wide is None else bool(_wide)
     x = x.contiguous()
     x2, ev = operands(x, log_sigma2.contiguous())
@@ -150,11 +161,18 @@ def lrt_backward(grad, x, weight, log_sigma2, std, seed, output_mask, *, route=N
     route differentiates either route's forward (same noise, same s).
     """
     _check_inputs(x, weight, log_sigma2, None)
-    need_dx, need_dw, need_dls, need_db = (bool(v) for v in output_mask)
     M, K = x.shape
     N = weight.shape[0]
     if grad.shape != (M, N) or std.shape != (M, N):
         raise ValueError(f"grad and std must be [{M}, {N}], got {tuple(grad.shape)} and {tuple(std.shape)}")
+    with _own_dtype(x.device):
+        return _backward(grad, x, weight, log_sigma2, std, seed, [bool(v) for v in output_mask], route, _wide)
+
+
+def _backward(grad, x, weight, log_sigma2, std, seed, output_mask, route, _wide):
+    need_dx, need_dw, need_dls, need_db = output_mask
+    M, K = x.shape
+    N = weight.shape[0]
     dtype = weight.dtype
     g = rows(grad.to(dtype))
     h, db = half_noise_over_std(g, std.to(dtype), seed, need_dx or need_dls, need_db,
