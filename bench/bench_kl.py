@@ -54,7 +54,8 @@ IMPLS = {
 
 
 def _cases():
-    cases = [(i, s, d, "fwd+bwd") for s in SHAPES for d in DTYPES for i in list(IMPLS) + ["sparsevd-fused-kernel", "copy"]]
+    impls = list(IMPLS) + ["sparsevd-fused-kernel", "copy"]
+    cases = [(i, s, d, "fwd+bwd") for s in SHAPES for d in DTYPES for i in impls]
     if not (harness.QUICK or CUDA):  # forward alone decides no GPU target: CPU only
         cases += [(i, s, d, "fwd") for s in SHAPES for d in DTYPES for i in IMPLS if i != "sparsevd-separate"]
     return cases

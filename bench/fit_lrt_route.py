@@ -59,7 +59,8 @@ def render(bounds, rows):
     lines = ["| dtype | M·N·K | cuBLAS route | fused route | fused wins (by > {:.0%}) |".format(MARGIN),
              "|---|---|---|---|---|"]
     for dtype, macs, cublas, fused, wins in rows:
-        lines.append(f"| {dtype} | {macs:.3g} | {cublas * 1e3:.4g} ms | {fused * 1e3:.4g} ms | {'yes' if wins else 'no'} |")
+        verdict = "yes" if wins else "no"
+        lines.append(f"| {dtype} | {macs:.3g} | {cublas * 1e3:.4g} ms | {fused * 1e3:.4g} ms | {verdict} |")
     order = ("float32", "float16", "bfloat16")
     entries = ", ".join(f"torch.{d}: {int(bounds[d])}" for d in order if d in bounds)
     lines += ["", "```python", f"FUSED_BELOW_MACS = {{{entries}}}  # triton_kernels/lrt.py", "```"]

@@ -48,8 +48,8 @@ def test_bad_argument_is_refused():
 
 def bench_json(rows, device="NVIDIA H200"):
     """A pytest-benchmark JSON: rows of (group, seconds per call, extra_info)."""
-    benchmarks = [{"group": g, "name": f"{g}-{info['impl']}", "stats": {"median": t * 3}, "extra_info": {**info, "inner": 3}}
-                  for g, t, info in rows]
+    benchmarks = [{"group": g, "name": f"{g}-{info['impl']}", "stats": {"median": t * 3},
+                   "extra_info": {**info, "inner": 3}} for g, t, info in rows]
     return {"machine_info": {"device": device, "torch": "2.11.0", "triton": "3.6.0"}, "commit_info": {"id": "abc"},
             "datetime": "2026-12-01T00:00:00", "benchmarks": benchmarks}
 
@@ -79,7 +79,8 @@ def test_route_rule_from_measurements():
 
 def test_route_rule_output_is_python(tmp_path):
     path = tmp_path / "bench_lrt.json"
-    path.write_text(json.dumps(bench_json(lrt_rows({("bfloat16", 100): (5e-5, 2e-5), ("bfloat16", 10**9): (1e-3, 2e-3)}))))
+    times = {("bfloat16", 100): (5e-5, 2e-5), ("bfloat16", 10**9): (1e-3, 2e-3)}
+    path.write_text(json.dumps(bench_json(lrt_rows(times))))
     text = fit_lrt_route.main([str(path)])
     line = next(line for line in text.splitlines() if line.startswith("FUSED_BELOW_MACS"))
     assert eval(line.split("=", 1)[1].split("#")[0], {"torch": torch}) == {torch.float16: 10**9, torch.bfloat16: 10**9}

@@ -179,7 +179,8 @@ def test_non_contiguous_inputs(route):
         torch.testing.assert_close(y2, y, rtol=1e-6, atol=1e-6)  # cuBLAS may pick another kernel per layout
         torch.testing.assert_close(s2, s, rtol=1e-6, atol=1e-6)
         grad_t = grad.t().contiguous().t()
-        grads2 = lrt.lrt_backward(grad_t, xi, wi, lsi, s2.t().contiguous().t(), 3, (True, True, True, True), route=route)
+        s_t = s2.t().contiguous().t()
+        grads2 = lrt.lrt_backward(grad_t, xi, wi, lsi, s_t, 3, (True, True, True, True), route=route)
         for g1, g2 in zip(grads, grads2):
             torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-6)
 

@@ -24,7 +24,9 @@ def check_pair(a, b, names):
     if a.shape != b.shape:
         raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} differ in shape")
     if a.dtype != b.dtype or a.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{names[0]} and {names[1]} must share one of float32/float16/bfloat16, got {a.dtype}, {b.dtype}")
+        raise TypeError(
+            f"{names[0]} and {names[1]} must share one of float32/float16/bfloat16, got {a.dtype}, {b.dtype}"
+        )
     if a.device != b.device:
         raise ValueError(f"{names[0]} and {names[1]} must be on one device")
     check_device(a, "LRT")

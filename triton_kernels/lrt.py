@@ -103,7 +103,8 @@ def _check_inputs(x, weight, log_sigma2, bias):
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"lrt kernels support float32, float16 and bfloat16, got {x.dtype}")
     if any(t.dtype != x.dtype for t in tensors):
-        raise TypeError("x, weight, log_sigma2 and bias must share one dtype: " + ", ".join(str(t.dtype) for t in tensors))
+        dtypes = ", ".join(str(t.dtype) for t in tensors)
+        raise TypeError(f"x, weight, log_sigma2 and bias must share one dtype: {dtypes}")
     if any(t.device != x.device for t in tensors):
         raise ValueError("x, weight, log_sigma2 and bias must be on one device")
     check_device(x, "LRT")
