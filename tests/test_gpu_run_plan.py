@@ -170,3 +170,15 @@ def test_results_markdown(tmp_path):
     assert "worst 3.00×" in lines[cusparse] and verdict(cusparse) == "**met**"
     assert "3 failed, 700 passed" in text and "| tests | 100 | failed (exit 1) |" in text
     assert "No forward+backward rows of both LRT routes" in text  # these rows carry no route data
+
+
+def test_csr_targets_use_gpu_kernel_time(tmp_path):
+    # wall time of µs-sized calls is the CPU's launch cost; the verdict uses the kernels' time
+    grp = "csr N=4096 K=4096 sparsity=99.0% batch=1"
+    base = dict(shape=[4096, 4096], sparsity=0.99, batch=1, flops=2 * 167772)
+    rows = [(grp, 12e-6, dict(base, impl="dense-bf16", kernel_s=10e-6)),
+            (grp, 11e-6, dict(base, impl="sparsevd-bf16", kernel_s=1e-6, bytes=1e6))]
+    (tmp_path / "bench_csr.json").write_text(json.dumps(bench_json(rows)))
+    line = next(line for line in targets.main(str(tmp_path)).splitlines()
+                if line.startswith("| CSR 4096² 99%, batch 1: dense bf16"))
+    assert "10.00×" in line and "**met**" in line
