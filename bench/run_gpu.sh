@@ -20,11 +20,13 @@
 #              dense), the route grid, LeNet-300-100 training step; quick:
 #              4096³ fwd+bwd, LeNet-sized routes, the step (~50 s)
 #   kl         bench_kl.py: fp32/bf16 4096², copy yardstick, config sweep   ~35 s   [80/50]
-#   csr        bench_csr.py: 4096² at 90-99%, batch 1-4096, vs dense bf16    ~60 s   [90/30]
-#              and cuSPARSE; quick: 98/99%, batch 1 and 64 (~15 s)
+#   csr        bench_csr.py: 4096² at 90-99%, batch 1-4096, vs dense bf16    ~70 s   [100/30]
+#              and cuSPARSE, GPU kernel times by profiler for µs-sized
+#              calls; quick: 98/99%, batch 1 and 64 (~15 s)
 #   inference  bench/bench_inference.py, when present                       ~45 s   [60/40]
 #   conv       bench_conv.py -k im2col (the cost model's im2col bandwidth)  ~10 s   [30/-]
-# Total ≈ 465 s full (budget 470 s), ≈ 220 s quick (budget 230 s); results ~3 s each time.
+# Total ≈ 475 s full (budget 470 s: the last stages give way first), ≈ 220 s quick
+# (budget 230 s); results.md takes ~3 s after each stage.
 #
 # Output: $OUT/results.md and $OUT/run.tar.gz (logs, JSON, device.txt, stages.tsv), both
 # rewritten after every stage (the device tool returns at most 8 files from $OUT, and
@@ -50,7 +52,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 [[ -n $dry ]] && export SPARSEVD_BENCH_DEVICE=cuda  # collect the GPU grids on any machine
 declare -A CAP
 if [[ $mode == full ]]; then
-  budget=${BUDGET_S:-470}; CAP=([build]=240 [tests]=180 [lrt]=170 [kl]=80 [csr]=90 [inference]=60 [conv]=30)
+  budget=${BUDGET_S:-470}; CAP=([build]=240 [tests]=180 [lrt]=170 [kl]=80 [csr]=100 [inference]=60 [conv]=30)
   tests=(tests); csr_k="test_csr_linear and 4096x4096 and not 0.998"
 else
   budget=${BUDGET_S:-230}; CAP=([build]=240 [tests]=60 [lrt]=80 [kl]=50 [csr]=30 [inference]=40)
