@@ -6,6 +6,11 @@ amortized; ``inner`` is calibrated so a round lasts at least ``MIN_ROUND_S``.
 pytest-benchmark's statistics are per round: divide by ``extra_info["inner"]``
 (bench/report.py does) for the time per call. Peak device memory of one call, above
 what was allocated before it, is recorded as ``extra_info["peak_mem_mb"]``.
+
+A call that takes less than KERNEL_TIME_BELOW_S on a GPU is timed by the CPU's launch cost
+(Python, dispatcher, launches) rather than by its kernels: for it the GPU time the kernels
+take, summed over them (torch.profiler), is recorded too, as ``extra_info["kernel_s"]``
+(per call). The issue's CSR figures are such GPU times.
 """
 
 from __future__ import annotations
@@ -16,11 +21,17 @@ import time
 import torch
 
 MIN_ROUND_S = 0.02
+KERNEL_TIME_BELOW_S = 2e-4
 ROUNDS = int(os.environ.get("SPARSEVD_BENCH_ROUNDS", "15"))
 QUICK = os.environ.get("SPARSEVD_BENCH_QUICK") == "1"
 
 
 def device():
+    """The device benchmarked. ``SPARSEVD_BENCH_DEVICE=cuda`` makes a CPU machine collect the
+    GPU grid (bench/run_gpu.sh --dry-run checks its selections with --collect-only)."""
+    forced = os.environ.get("SPARSEVD_BENCH_DEVICE")
+    if forced:
+        return torch.device(forced)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -52,8 +63,26 @@ def measure(benchmark, fn, dev, **info):
             fn()
         synchronize(dev)
 
-    benchmark.extra_info.update(info, inner=inner, peak_mem_mb=peak, device=device_name(dev))
+    kernel_s = kernel_seconds(fn) if dev.type == "cuda" and once < KERNEL_TIME_BELOW_S else None
+    benchmark.extra_info.update(info, inner=inner, peak_mem_mb=peak, device=device_name(dev), kernel_s=kernel_s)
     benchmark.pedantic(one_round, rounds=1 if benchmark.disabled else ROUNDS, iterations=1, warmup_rounds=1)
+
+
+def kernel_seconds(fn, calls=20):
+    """GPU time per call of ``fn``: the device time of the kernels (and copies) it runs,
+    summed, from torch.profiler; None if the profiler is unavailable or saw nothing."""
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a figure missing is better than a benchmark lost
+        return None
+    return total_us / 1e6 / calls if total_us > 0 else None
 
 
 def device_name(dev):

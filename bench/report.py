@@ -3,7 +3,9 @@
     python bench/report.py results.json [more.json ...] > results.md
 
 "× sparsevd" is the baseline's time over sparsevd's: above 1 means sparsevd is faster
-(for the dense yardstick it says how far below the dense layer's cost we are).
+(for the dense yardstick it says how far below the dense layer's cost we are). "GPU
+kernels" (GPU runs, calls under bench/harness.py's KERNEL_TIME_BELOW_S): the kernels' own
+time per call, without the CPU's launch cost that bounds the wall time of such calls.
 """
 
 import json
@@ -27,7 +29,9 @@ def header(data):
 
 def table(group, benches):
     ours = next((per_call_seconds(b) for b in benches if b["extra_info"].get("impl") == "sparsevd"), None)
-    lines = [f"**{group}**\n", "| impl | time per call | × sparsevd | throughput | peak memory |", "|---|---|---|---|---|"]
+    kernels = any(b["extra_info"].get("kernel_s") for b in benches)
+    head = "| impl | time per call | × sparsevd | throughput | peak memory |" + (" GPU kernels |" if kernels else "")
+    lines = [f"**{group}**\n", head, "|---|---|---|---|---|" + ("---|" if kernels else "")]
     for b in sorted(benches, key=per_call_seconds):
         info, t = b["extra_info"], per_call_seconds(b)
         ratio = f"{t / ours:.2f}" if ours else "–"
@@ -38,7 +42,10 @@ def table(group, benches):
         else:
             rate = "–"
         mem = f"{info['peak_mem_mb']:.0f} MiB" if info.get("peak_mem_mb") is not None else "–"
-        lines.append(f"| {info.get('impl', b['name'])} | {t * 1e3:.4g} ms | {ratio} | {rate} | {mem} |")
+        row = f"| {info.get('impl', b['name'])} | {t * 1e3:.4g} ms | {ratio} | {rate} | {mem} |"
+        if kernels:
+            row += f" {info['kernel_s'] * 1e6:.3g} µs |" if info.get("kernel_s") else " – |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,5 @@
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,26 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+# A test "needs a GPU" when it has a `gpu` mark (the Triton kernel tests, which run on CUDA
+# whenever there is one), a "cuda" parameter (the `device` fixture, test_csr_kernels'
+# DEVICES), or a skip for want of CUDA. bench/run_gpu.sh runs `pytest -m gpu` on the GPU
+# machine (CI runs the rest on CPUs); CI checks the selection with `--collect-only`.
+_NEEDS_CUDA = re.compile(r"\b(no|needs?( a)?) (cuda|gpu)\b", re.IGNORECASE)
+
+
+def _needs_gpu(item):
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(str(v) == "cuda" for v in callspec.params.values()):
+        return True
+    return any(_NEEDS_CUDA.search(str(mark.kwargs.get("reason", ""))) for mark in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _needs_gpu(item):
+            item.add_marker(pytest.mark.gpu)
 
 
 def rel_err(out, ref):

@@ -161,11 +161,14 @@ triton_lrt = pytest.importorskip("sparsevd.triton_kernels.lrt")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1,), (37, 29), (3, 1031)], ids=str)
 def test_triton_sample_kernels(shape, dtype):
     mean, var = _inputs(shape, dtype, TRITON_DEVICE)
+    inputs = mean.clone(), var.clone()
     y, s = triton_lrt.lrt_sample(mean, var, 1234)
+    assert torch.equal(mean, inputs[0]) and torch.equal(var, inputs[1])  # the launcher samples out of place
     z = triton_lrt.lrt_noise(1, mean.numel(), 1234, TRITON_DEVICE).view(shape)
     ref_s = torch.sqrt(var.double() + reference.EPS)
     _assert_near(s, ref_s, dtype)
@@ -175,17 +178,20 @@ def test_triton_sample_kernels(shape, dtype):
     _assert_near(h, grad.double() * z.double() / (2 * s.double()), dtype)
 
 
-def test_triton_sample_noise_matches_forward_kernel():
-    # lrt_forward's separate noise pass and lrt_sample draw from one stream
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["cublas", "fused"])
+def test_triton_sample_noise_matches_forward_kernel(route):
+    # both LRT routes and lrt_sample draw from one stream
     M, K, N = 9, 7, 13
     g = torch.Generator().manual_seed(0)
     x, w, ls = (torch.randn(r, c, generator=g).to(TRITON_DEVICE) for r, c in ((M, K), (N, K), (N, K)))
-    y, s = triton_lrt.lrt_forward(x, w, ls - 3, None, 99)
+    y, s = triton_lrt.lrt_forward(x, w, ls - 3, None, 99, route=route)
     mean = y - s * triton_lrt.lrt_noise(M, N, 99, TRITON_DEVICE)
     y2, _ = triton_lrt.lrt_sample(mean, (s * s - reference.EPS).clamp_min(0), 99)
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 def test_triton_sample_input_checks():
     mean, var = _inputs((3, 4), torch.float32, TRITON_DEVICE)
     with pytest.raises(ValueError, match="differ in shape"):

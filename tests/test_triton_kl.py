@@ -18,6 +18,7 @@ from sparsevd.triton_kernels import kl  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu  # on a GPU machine every test here runs on CUDA
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot here: bf16 is fine interpreted
 # (100, 113) spans many programs and (in the interpreter) a multi-step final sum
@@ -211,3 +212,14 @@ def test_cuda_large(dtype):
     _, dw_same, dls_same = reference_grads(w, ls, -10, 10, grad, dtype)
     assert_fa(dw, dw64, dw_same, ATOL[dtype] * dw64.abs().max().item(), "dweight")
     assert_fa(dls, dls64, dls_same, ATOL[dtype] * dls64.abs().max().item(), "dlog_sigma2")
+
+
+def test_config_changes_only_the_summation_order():
+    # the bench sweeps (elements per program, warps): gradients are elementwise, identical;
+    # the sum's tree changes with the block, its value within rounding
+    w, ls = make_params((100, 113), torch.float32, seed=8)
+    total, dw, dls = kl.kl_forward_backward(w, ls, -10, 10)
+    for config in ((128, 4), (512, 8)):
+        t2, dw2, dls2 = kl.kl_forward_backward(w, ls, -10, 10, config=config)
+        assert torch.equal(dw2, dw) and torch.equal(dls2, dls)
+        torch.testing.assert_close(t2, total, rtol=1e-6, atol=0)

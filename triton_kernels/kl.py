@@ -3,13 +3,13 @@
     la = clamp(log σ² − log(θ² + 1e-8), lo, hi)
     KL = k1 − k1·sigmoid(k2 + k3·la) + ½·softplus(−la)          (``sparsevd.reference``)
 
-Pure bandwidth: every kernel reads θ and log σ² once (in their own dtype, math in fp32)
-and, for gradients, writes ∂θ and ∂log σ² once.
+Every kernel reads θ and log σ² once (in their own dtype, math in fp32) and, for gradients,
+writes ∂θ and ∂log σ² once: bandwidth, and on an H200 about as much arithmetic (see CONFIG).
 
 Sum: each program reduces one BLOCK of elements to an fp32 partial (``tl.sum``, a fixed
 tree), writes it to a buffer, and a second single-program kernel adds the partials in a
 fixed order. No atomics, so a given input (shape, dtype, device) gives the same bits every
-call. BLOCK is fixed (not autotuned) for that reason.
+call. The block is a constant (CONFIG), not autotuned, for that reason.
 
 Gradient (torch.clamp's backward: passes where lo ≤ raw ≤ hi, inclusive):
 
@@ -30,11 +30,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# elements per program of the main kernel, and partials per step of the final sum; small
-# in the interpreter so that modest test inputs exercise multi-step final sums
-_BLOCK = 256 if _INTERPRET else 2048
+# (elements per program, warps) of the main kernel. The math is ~134 SASS instructions per
+# element (two logs, exps, divisions), as long on an H200 as its 16 bytes of fp32 traffic,
+# so occupancy decides how well the two overlap: ptxas gives the fused kernel 150
+# registers at 2048/4 (8 warps per multiprocessor), 72 at 1024/4 and 40 at 1024/8 (64
+# warps, full occupancy). 2048/4 measured 78% of copy bandwidth on an H100; 1024/8 is the
+# prediction for both H100 and H200 until bench/bench_kl.py's sweep (test_kl_kernel_config)
+# says otherwise. Small in the interpreter so that modest test inputs exercise multi-step
+# final sums.
+CONFIG = (256, 4) if _INTERPRET else (1024, 8)
+#: Partials per step of the final sum.
 _SUM_BLOCK = 16 if _INTERPRET else 1024
-_NUM_WARPS = 4
 
 
 @triton.jit
@@ -94,7 +100,7 @@ def _prepare(weight, log_sigma2):
     return weight.contiguous(), log_sigma2.contiguous()
 
 
-def _launch(weight, log_sigma2, lo, hi, compute_sum, compute_grad, grad=None, grad_scale=1.0):
+def _launch(weight, log_sigma2, lo, hi, compute_sum, compute_grad, grad=None, grad_scale=1.0, config=None):
     w, ls = _prepare(weight, log_sigma2)
     numel, device = w.numel(), w.device
     kl = None
@@ -104,7 +110,8 @@ def _launch(weight, log_sigma2, lo, hi, compute_sum, compute_grad, grad=None, gr
     dls = torch.empty_like(ls) if compute_grad else None
     if numel == 0:
         return kl, dw, dls
-    grid = triton.cdiv(numel, _BLOCK)
+    block, num_warps = CONFIG if config is None else config
+    grid = triton.cdiv(numel, block)
     partial = torch.empty(grid, dtype=torch.float32, device=device) if compute_sum else w
     from_ptr = grad is not None
     if from_ptr:
@@ -116,10 +123,10 @@ def _launch(weight, log_sigma2, lo, hi, compute_sum, compute_grad, grad=None, gr
         w, ls, partial, dw if compute_grad else w, dls if compute_grad else w, grad if from_ptr else w,
         float(grad_scale), numel, float(lo), float(hi),
         COMPUTE_SUM=compute_sum, COMPUTE_GRAD=compute_grad, GRAD_FROM_PTR=from_ptr,
-        BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     if compute_sum:
-        _sum_kernel[(1,)](partial, kl, grid, BLOCK=_SUM_BLOCK, num_warps=_NUM_WARPS)
+        _sum_kernel[(1,)](partial, kl, grid, BLOCK=_SUM_BLOCK, num_warps=4)
     return kl, dw, dls
 
 
@@ -141,7 +148,7 @@ def kl_backward(grad, weight, log_sigma2, log_alpha_min, log_alpha_max):
     return dw, dls
 
 
-def kl_forward_backward(weight, log_sigma2, log_alpha_min, log_alpha_max, grad_scale=1.0):
+def kl_forward_backward(weight, log_sigma2, log_alpha_min, log_alpha_max, grad_scale=1.0, *, config=None):
     """(Σ KL, ∂θ, ∂log σ²) in one pass, gradients for grad = ``grad_scale`` (default 1).
 
     Worth it? Separate forward + backward move 6 tensor-sizes of memory (read θ, log σ²;
@@ -157,5 +164,7 @@ def kl_forward_backward(weight, log_sigma2, log_alpha_min, log_alpha_max, grad_s
     Measured on H100 / Triton 3.6, 4096x4096 parameters: bf16 fused 0.107 ms against
     0.097 + 0.066 ms separately; fp32 0.115 ms against 0.071 + 0.099 ms (eager reference
     forward+backward 1.96 / 1.78 ms, torch.compile of it 0.40 / 0.48 ms).
+
+    ``config`` (benchmarks): (elements per program, warps) in place of :data:`CONFIG`.
     """
-    return _launch(weight, log_sigma2, log_alpha_min, log_alpha_max, True, True, grad_scale=grad_scale)
+    return _launch(weight, log_sigma2, log_alpha_min, log_alpha_max, True, True, grad_scale=grad_scale, config=config)

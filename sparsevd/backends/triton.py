@@ -2,6 +2,10 @@
 C++ CUDA kernel. They cover float32 (TF32 where torch allows it), float16 and bfloat16;
 other dtypes (float64 for gradcheck, say) run the reference on the same device. The
 Triton modules are imported on the first call, so ``import sparsevd`` stays light.
+
+The LRT linear layer takes one of two routes per shape (cuBLAS GEMMs with fused Triton
+passes around them, or fused Triton dual GEMMs): ``triton_kernels.lrt.route`` decides, by
+a rule the GPU benchmark sets.
 """
 
 from __future__ import annotations
