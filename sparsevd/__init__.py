@@ -9,6 +9,7 @@ from .conv import SparseVDConv1d, SparseVDConv2d
 from .convert import convert
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
+from .sbp import SBPDropout
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
@@ -17,6 +18,7 @@ from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sp
 __version__ = "0.1.0"
 
 __all__ = [
+    "SBPDropout",
     "SparseVDLinear",
     "SparseVDConv2d",
     "SparseVDConv1d",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .layers import SparseVDModule
+from .sbp import SBPDropout
 
 #: The dropout layers predict() keeps on (besides the SparseVD layers, which sample with the LRT).
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -49,7 +50,8 @@ def _positive_int(name, value):
 
 
 def _stochastic_layers(model):
-    return [m for m in model.modules() if isinstance(m, SparseVDModule) or (isinstance(m, DROPOUT) and m.p > 0)]
+    return [m for m in model.modules()
+            if isinstance(m, (SparseVDModule, SBPDropout)) or (isinstance(m, DROPOUT) and m.p > 0)]
 
 
 def _sample(model, x, samples, batch_samples):
