@@ -337,7 +337,7 @@ def _unit_frame(mu, log_sigma, bounds):
     f = _Frame((a - mu) / sigma, (b - mu) / sigma)
     f.mu, f.log_sigma, f.sigma = mu, log_sigma, sigma
     f.sign = torch.where(f.flip, -1.0, 1.0).double()
-    f.pivot_bound = torch.where(f.flip, a, b).double()
+    f.pivot_bound = torch.full_like(mu, b).masked_fill_(f.flip, a)
     return f
 
 

@@ -220,7 +220,7 @@ def test_samples_follow_the_truncated_normal(m, s, bounds):
     assert not torch.equal(theta[:, 0], theta[:, 1]) and theta[:, 0].unique().numel() > batch // 2
 
 
-@pytest.mark.parametrize("bounds", [(-20.0, 0.0), (-3.0, 1.0)])
+@pytest.mark.parametrize("bounds", [(-20.0, 0.0), (-3.0, 1.0), (-1.0, -0.9)])
 def test_sample_matches_high_precision_inverse_cdf(bounds):
     cases = [(m, s) for m in (-20.0, -15.0, -0.5, 0.0, 0.5, 5.0) for s in (-20.0, -12.0, -5.0, -1.0, 0.0, 5.0)]
     us = [0.0, 1e-3, 0.5, 1 - 1e-5]
