@@ -14,6 +14,8 @@ from conftest import assert_close_fa
 from sparsevd import dispatch
 from sparsevd.backends import default
 
+# the interpreter evaluates both sides of every tl.where: the unused side's log(0) warns
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 ops = torch.ops.sparsevd
 needs_extension = pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="extension sparsevd._C not built")
 BOUNDS = [(-20.0, 0.0), (-3.0, 1.0), (-1.0, -0.9)]
@@ -158,3 +160,68 @@ def test_cpp_every_instruction_set_path(capability):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-3000:]
+
+
+# --- Triton (the interpreter on CPU tensors; for real on CUDA) -----------------------------------
+
+triton = pytest.importorskip("triton")
+from sparsevd import reference  # noqa: E402
+from sparsevd.triton_kernels import sbp as triton_sbp  # noqa: E402
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("bounds", BOUNDS)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_kl_matches_reference(dtype, bounds):
+    mu, ls = (t.to(TRITON_DEVICE) for t in _grid(dtype))
+    kl, dmu, dls = triton_sbp.sbp_kl(mu, ls, *bounds)
+    rkl, rdmu, rdls = default.KERNELS["sbp_kl"](mu.cpu(), ls.cpu(), *bounds)
+    assert kl.dtype == torch.float32 and dmu.dtype == dls.dtype == dtype
+    torch.testing.assert_close(kl.cpu(), rkl, rtol=1e-6, atol=0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(dmu.cpu(), rdmu, rtol=tol, atol=tol)
+    torch.testing.assert_close(dls.cpu(), rdls, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("bounds", BOUNDS)
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_triton_sample_matches_reference(bounds, with_grad):
+    # against the reference at the kernel's own (Philox) uniforms
+    mu, ls = (t.to(TRITON_DEVICE) for t in _grid(torch.float32))
+    batch = 5
+    got = triton_sbp.sbp_sample(mu, ls, 7, batch, *bounds, with_grad)
+    u = triton_sbp.sbp_noise(mu.numel(), batch, 7, TRITON_DEVICE).cpu()
+    assert u.dtype == torch.float32 and ((u >= 0) & (u < 1)).all()
+    ref64 = reference.sbp_sample(mu.cpu().double(), ls.cpu().double(), u, bounds, with_grad)
+    same = reference.sbp_sample(mu.cpu(), ls.cpu(), u, bounds, with_grad)
+    scale = ref64[0] * ls.cpu().double().clamp(-20, 5).exp().clamp(min=1)
+    for out, r64, r in list(zip(got, ref64, same))[: 3 if with_grad else 1]:
+        assert out.dtype == torch.float32 and out.shape == (batch, mu.numel())
+        assert_close_fa(out.cpu().double() / scale, r64 / scale, r.double() / scale, atol=1e-6)
+    if not with_grad:
+        assert got[1].shape == (0,)
+
+
+@pytest.mark.parametrize("units,batch", [(1, 1), (3, 0), (17, 3), (300, 2)])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_sample_odd_shapes_and_dtypes(units, batch, dtype):
+    mu, ls = (t.to(TRITON_DEVICE) for t in _grid(dtype, units, seed=units))
+    got = triton_sbp.sbp_sample(mu, ls, 3, batch, -20.0, 0.0, True)
+    assert all(t.shape == (batch, units) and t.dtype == torch.float32 for t in got)
+    if batch:
+        u = triton_sbp.sbp_noise(units, batch, 3, TRITON_DEVICE).cpu()
+        ref = reference.sbp_sample(mu.cpu(), ls.cpu(), u, (-20.0, 0.0), True)
+        for out, r in zip(got, ref):
+            assert ((out.cpu() - r).abs() / ref[0]).max() < 1e-4
+
+
+def test_triton_errors():
+    mu = torch.zeros(3, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="NaN"):
+        triton_sbp.sbp_kl(torch.tensor([0.0, float("nan")], device=TRITON_DEVICE), mu[:2], -20.0, 0.0)
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        triton_sbp.sbp_sample(mu.double(), mu.double(), 1, 2, -20.0, 0.0, True)
+    with pytest.raises(ValueError, match="a < b"):
+        triton_sbp.sbp_kl(mu, mu, 0.0, -1.0)

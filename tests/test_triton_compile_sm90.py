@@ -23,22 +23,24 @@ _SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from sparsevd.triton_kernels import kl, lrt
+    from sparsevd.triton_kernels import kl, lrt, sbp
 
     TARGET = GPUTarget("cuda", 90, 32)
-    INTS = {"M", "N", "K", "numel", "n", "start"}
+    INTS = {"M", "N", "K", "numel", "n", "start", "units"}
 
     def jit_function(kernel):
         while not isinstance(kernel, triton.runtime.jit.JITFunction):
             kernel = kernel.fn  # through @autotune and @heuristics
         return kernel
 
-    def compile_kernel(kernel, dtype, constexprs, floats=()):
+    def compile_kernel(kernel, dtype, constexprs, floats=(), pointers=None):
         fn = jit_function(kernel)
         signature = {}
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
+            elif name in (pointers or {}):
+                signature[name] = pointers[name]
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32" if name in ("partial_ptr", "out_ptr", "dbp_ptr", "z_ptr") else f"*{dtype}"
             elif name in floats:
@@ -77,6 +79,15 @@ _SCRIPT = textwrap.dedent(
                            floats=("grad_scale", "lo", "hi"))
     compile_kernel(lrt._noise_kernel, "fp32", dict(WIDE=True, BLOCK=1024))
     compile_kernel(kl._sum_kernel, "fp32", dict(BLOCK=1024))
+    for dtype in ("fp32", "fp16", "bf16"):
+        for kl_, consts in ((True, False), (False, True)):
+            compile_kernel(sbp._unit_kernel, dtype, dict(A=-20.0, B=0.0, KL=kl_, CONSTS=consts, BLOCK=256),
+                           pointers={"kl_ptr": "*fp64", "consts_ptr": "*fp64"})
+    for grad in (False, True):
+        for wide in (False, True):
+            compile_kernel(sbp._sample_kernel, "fp32", dict(A=-20.0, B=0.0, GRAD=grad, WIDE=wide, BLOCK=256),
+                           pointers={"consts_ptr": "*fp64"})
+    compile_kernel(sbp._noise_kernel, "fp32", dict(WIDE=True, BLOCK=1024))
     print("ok")
     """
 )
