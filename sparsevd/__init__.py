@@ -9,7 +9,7 @@ from .conv import SparseVDConv1d, SparseVDConv2d
 from .convert import convert
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
-from .sbp import SBPDropout
+from .sbp import SBPDropout, sbp_modules
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SBPDropout",
+    "sbp_modules",
     "SparseVDLinear",
     "SparseVDConv2d",
     "SparseVDConv1d",

@@ -3,10 +3,11 @@
 Each SparseVD layer becomes its masked weight in the form a cost model predicts to be
 fastest for the given batch size and device: CSR (:class:`SparseLinear`,
 :class:`SparseConv2d`, :class:`SparseConv1d`) or a dense ``nn.Linear``/``nn.Conv*d``.
-Before that, dead units are cut: output units (convolution filters) whose weights are all
-pruned (their output is a constant, folded into the next layer's bias where that is
-exact) and units whose outputs no later layer reads, shrinking the neighbouring layers
-of a Sequential.
+Before that, every :class:`SBPDropout` is folded into a neighbouring layer (its eval
+multiplier E[θ]·mask scales that layer's output rows or input columns), and dead units are
+cut: output units (convolution filters) whose weights are all pruned (their output is a
+constant, folded into the next layer's bias where that is exact) and units whose outputs
+no later layer reads, shrinking the neighbouring layers of a Sequential.
 """
 
 from __future__ import annotations
@@ -370,7 +371,8 @@ def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix
 
 
 def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
-    """An inference copy of ``model`` (eval mode) with every SparseVD layer pruned and
+    """An inference copy of ``model`` (eval mode) with every SBPDropout folded into a
+    neighbouring layer (its pruned units cut), and every SparseVD layer pruned and
     replaced by a CSR layer (:class:`SparseLinear`, :class:`SparseConv2d`,
     :class:`SparseConv1d`) or a (smaller) dense ``nn.Linear``/``nn.Conv*d``, whichever
     ``cost_model`` predicts faster at ``batch_size`` on the model's device. The result

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lrt import _flat_offsets
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
@@ -212,24 +214,16 @@ def _rand(seed, offs, WIDE: tl.constexpr):
         return tl.rand(seed, offs)
 
 
-@triton.jit
-def _offsets(WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    return pid * BLOCK + tl.arange(0, BLOCK)
-
-
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(u_ptr, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _offsets(WIDE, BLOCK)
+    offs = _flat_offsets(WIDE, BLOCK)
     tl.store(u_ptr + offs, _rand(seed, offs, WIDE), mask=offs < numel)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(consts_ptr, theta_ptr, dmu_ptr, dls_ptr, numel, units, seed, A: tl.constexpr, B: tl.constexpr,
                    GRAD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    offs = _offsets(WIDE, BLOCK)
+    offs = _flat_offsets(WIDE, BLOCK)
     mask = offs < numel
     unit = offs % units
     mu = tl.load(consts_ptr + unit, mask=mask, other=0.0)
