@@ -12,6 +12,8 @@ Networks", ICML 2017, with the additive noise reparameterization).
 
 from __future__ import annotations
 
+import math as _math
+
 import torch
 
 #: Constants of Molchanov et al.'s fit of −KL(q‖p) as a function of log α.
@@ -203,8 +205,6 @@ def sample_conv(x, weight, log_sigma2, bias, stride=1, padding=0, dilation=1, gr
 # parameters' dtype (it is [num_features]-sized); the per-example sampling runs in
 # float32 (float64 for float64 parameters).
 # =====================================================================================
-
-import math as _math
 
 #: Default truncation range [a, b] of log θ, clip range of μ and log σ, the clip of the
 #: sampler's uniforms, and the pruning threshold on the SNR (the authors' values).

@@ -335,16 +335,13 @@ def test_layer_multiplies_along_dim(shape, dim):
     y = layer(x)
     ratio = y / x
     units = dim % x.dim()
-    # one θ per example and unit, shared over every other dimension
+    # one θ per example (dim 0, unless the units are there) and unit, shared over the rest
     per = ratio.movedim(units, -1)
-    if units != 0:
-        per = per.movedim(0, 0)
-        flat = per.reshape(shape[0], -1, 7)
-        assert torch.allclose(flat, flat[:, :1].expand_as(flat), rtol=1e-5)
+    examples = shape[0] if units != 0 else 1
+    flat = per.reshape(examples, -1, 7)
+    assert torch.allclose(flat, flat[:, :1].expand_as(flat), rtol=1e-5)
+    if examples > 1:
         assert not torch.allclose(flat[0, 0], flat[1, 0])
-    else:
-        flat = per.reshape(-1, 7)
-        assert torch.allclose(flat, flat[:1].expand_as(flat), rtol=1e-5)
     assert ((ratio > 0) & (ratio <= 1 + 1e-6)).all()
     layer.eval()
     scale_shape = [1] * x.dim()
