@@ -13,7 +13,8 @@ float64 keeps the far tails simple. Φ comes from ``erf`` (libdevice's erfc/erfc
 the interpreter): 1 − erf loses relative digits below −5, where the continued fraction takes
 over, so the results keep ~1e-10, beyond the float32 they are stored in. Constants are
 ``tl.full(..., float64)``: a bare Python float in a float64 expression is rounded to float32
-by the compiler. A NaN parameter raises on the host (one synchronization per call).
+by the compiler. A NaN parameter raises on the host (one synchronization per call, skipped
+while a CUDA graph is captured).
 """
 
 from __future__ import annotations
@@ -284,7 +285,10 @@ def _check(mu, log_sigma, a, b):
         raise RuntimeError("Triton SBP kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     if not (math.isfinite(a) and math.isfinite(b) and a < b):
         raise ValueError(f"bounds must be finite with a < b, got {a} and {b}")
-    if bool(torch.isnan(mu).any()) or bool(torch.isnan(log_sigma).any()):
+    # one host synchronization; not while a CUDA graph is captured (it cannot sync), where
+    # a NaN parameter gives NaN outputs instead
+    capturing = mu.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing and (bool(torch.isnan(mu).any()) or bool(torch.isnan(log_sigma).any())):
         raise ValueError("mu or log_sigma contains NaN")
     return mu.contiguous(), log_sigma.contiguous()
 
