@@ -10,6 +10,7 @@ from .convert import convert
 from .inference import FusedSequential
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
+from .sbp import SBPDropout, sbp_modules
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
@@ -20,6 +21,8 @@ from .training import CollapseWarning
 __version__ = "0.1.0"
 
 __all__ = [
+    "SBPDropout",
+    "sbp_modules",
     "SparseVDLinear",
     "SparseVDConv2d",
     "SparseVDConv1d",

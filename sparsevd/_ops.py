@@ -60,13 +60,24 @@ SCHEMAS = {
     # activation_params[i]. Inference only: it has no gradient.
     "linear_chain": "linear_chain(Tensor x, Tensor[] weights, Tensor?[] crow_indices, Tensor?[] col_indices, "
                     "Tensor?[] biases, int[] activations, float[] activation_params) -> Tensor",
+    # Structured Bayesian Pruning, per unit log θ ~ N(mu, exp(log_sigma)²) truncated to [a, b]
+    # (sparsevd.reference, SBP section). (Σ KL over the units, ∂KL/∂mu, ∂KL/∂log_sigma): the
+    # sum float32 (float64 for float64 mu), the gradients in the parameters' dtype.
+    "sbp_kl": "sbp_kl(Tensor mu, Tensor log_sigma, float a, float b) -> (Tensor, Tensor, Tensor)",
+    # θ [batch, units], one per example and unit, at the uniforms sbp_noise draws from `seed`;
+    # with with_grad also ∂θ/∂mu and ∂θ/∂log_sigma per element, kept for backward (else empty,
+    # and backward regenerates them). float32 (float64 for float64 mu).
+    "sbp_sample": "sbp_sample(Tensor mu, Tensor log_sigma, Tensor seed, int batch, float a, float b, "
+                  "bool with_grad) -> (Tensor, Tensor, Tensor)",
+    # The float32 uniforms [batch, units] that sbp_sample(mu, ..., seed, batch, ...) used.
+    "sbp_noise": "sbp_noise(Tensor mu, Tensor seed, int batch) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():
     LIBRARY.define(_schema)
 
 # The noise is a constant of the seed: nothing to differentiate, whatever requires grad.
-for _name in ("lrt_noise", "lrt_sample_noise"):
+for _name in ("lrt_noise", "lrt_sample_noise", "sbp_noise"):
     LIBRARY.impl(_name, torch.library.fallthrough_kernel, "Autograd")
 
 ops = torch.ops.sparsevd
@@ -259,3 +270,63 @@ def _chain_backward(ctx, grad):
 # The compiled extension registers a C++ autograd kernel that refuses before the forward;
 # this one serves the other backends.
 torch.library.register_autograd("sparsevd::linear_chain", _chain_backward, setup_context=_chain_setup)
+
+
+def _sbp_dtype(mu):
+    return torch.float64 if mu.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("sparsevd::sbp_kl")
+def _(mu, log_sigma, a, b):
+    return mu.new_empty((), dtype=_sbp_dtype(mu)), mu.new_empty(mu.shape), log_sigma.new_empty(log_sigma.shape)
+
+
+def _sbp_kl_setup(ctx, inputs, output):
+    _, dmu, dls = output
+    ctx.mark_non_differentiable(dmu, dls)
+    # The per-unit gradients come out of the forward sweep ([units]-sized: keeping them
+    # costs nothing, recomputing them costs a second sweep of special functions).
+    ctx.save_for_backward(dmu, dls)
+
+
+def _sbp_kl_backward(ctx, grad, _grad_dmu, _grad_dls):
+    dmu, dls = ctx.saved_tensors
+    return dmu * grad.to(dmu.dtype), dls * grad.to(dls.dtype), None, None
+
+
+torch.library.register_autograd("sparsevd::sbp_kl", _sbp_kl_backward, setup_context=_sbp_kl_setup)
+
+
+@torch.library.register_fake("sparsevd::sbp_sample")
+def _(mu, log_sigma, seed, batch, a, b, with_grad):
+    theta = mu.new_empty((batch, mu.shape[0]), dtype=_sbp_dtype(mu))
+    grads = (batch, mu.shape[0]) if with_grad else (0,)
+    return theta, theta.new_empty(grads), theta.new_empty(grads)
+
+
+@torch.library.register_fake("sparsevd::sbp_noise")
+def _(mu, seed, batch):
+    return mu.new_empty((batch, mu.shape[0]), dtype=torch.float32)
+
+
+def _sbp_sample_setup(ctx, inputs, output):
+    mu, log_sigma, seed, batch, a, b, with_grad = inputs
+    _, dmu, dls = output
+    ctx.mark_non_differentiable(dmu, dls)
+    # With with_grad, ∂θ/∂μ and ∂θ/∂log σ per element come out of the forward and are kept:
+    # the backward is then two multiply-sums. Without, the backward regenerates them from
+    # the seed (bench/results/2026-11-30-cpu-sbp.md measures both).
+    ctx.with_grad = with_grad
+    ctx.args = (batch, a, b)
+    ctx.save_for_backward(dmu, dls, mu, log_sigma, seed)
+
+
+def _sbp_sample_backward(ctx, grad, _grad_dmu, _grad_dls):
+    dmu, dls, mu, log_sigma, seed = ctx.saved_tensors
+    if not ctx.with_grad:
+        _, dmu, dls = ops.sbp_sample(mu, log_sigma, seed, *ctx.args, True)
+    g = grad.to(dmu.dtype)
+    return (g * dmu).sum(0).to(mu.dtype), (g * dls).sum(0).to(log_sigma.dtype), None, None, None, None, None
+
+
+torch.library.register_autograd("sparsevd::sbp_sample", _sbp_sample_backward, setup_context=_sbp_sample_setup)

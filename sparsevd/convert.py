@@ -16,6 +16,7 @@ from torch import nn
 
 from .conv import SparseVDConv1d, SparseVDConv2d
 from .layers import SparseVDLinear, _variant
+from .sbp import SBPDropout
 
 #: convert() warns when the weights pruned at once change a layer's weight by more than
 #: this (relative Frobenius norm). At −10 the weights with |θ| < 1.5e-3 are pruned, which
@@ -67,7 +68,7 @@ def _check_used(selectors, used, what, candidates):
 
 
 def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, threshold=3.0, alpha="weight",
-            inplace=False):
+            inplace=False, sbp=False, sparsevd=True):
     """Replace the ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers of ``model`` by
     SparseVD layers with the same θ, bias, geometry, dtype and device, and return the model.
 
@@ -87,6 +88,14 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, thresho
     log_sigma2_init is too high for the model. ``inplace=False`` converts a deep copy.
     Layers keep their training mode and ``requires_grad``; parameters shared between
     layers are no longer shared after conversion.
+
+    ``sbp=True`` (or a dict of :class:`SBPDropout` options: ``threshold``, ``bounds``,
+    ``mu_init``, ``log_sigma_init``) also puts an SBPDropout on the output units of each
+    converted layer (dim −1 after a linear layer, 1 after a convolution): the layer becomes
+    ``nn.Sequential(layer, SBPDropout)`` (so ``fc`` becomes ``fc.0`` and ``fc.1``), and
+    :func:`sparsevd.sparsify` folds the pair back into one smaller layer.
+    ``sparsevd=False`` keeps the selected layers dense and only adds SBPDropout (SBP alone,
+    as the authors train it from a pretrained network); it needs ``sbp``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
@@ -94,6 +103,7 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, thresho
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"convert: {name} must be a finite number, got {value!r}")
     _variant(alpha)
+    sbp_options = _sbp_options(sbp, sparsevd)
     include, exclude = _selectors(include, "include"), _selectors(exclude, "exclude")
     if not inplace:
         model = copy.deepcopy(model)
@@ -120,12 +130,14 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, thresho
 
     def swap(old):
         if id(old) not in converted:
-            new = CONVERTERS[type(old)](old, **options).train(old.training)
-            new.weight.requires_grad_(old.weight.requires_grad)
-            if old.bias is not None:
-                new.bias.requires_grad_(old.bias.requires_grad)
-            converted[id(old)] = (chosen[id(old)], new)
-        return converted[id(old)][1]
+            new = old
+            if sparsevd:
+                new = CONVERTERS[type(old)](old, **options).train(old.training)
+                new.weight.requires_grad_(old.weight.requires_grad)
+                if old.bias is not None:
+                    new.bias.requires_grad_(old.bias.requires_grad)
+            converted[id(old)] = (chosen[id(old)], new, _with_sbp(new, old, sbp_options))
+        return converted[id(old)][2]
 
     if id(model) in chosen:
         model = swap(model)
@@ -135,8 +147,40 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, thresho
             for child_name, child in list(parent._modules.items()):
                 if child is not None and id(child) in chosen:
                     setattr(parent, child_name, swap(child))
-    _warn_if_pruned(converted.values(), log_sigma2_init)
+    if sparsevd:
+        _warn_if_pruned([(name, layer) for name, layer, _ in converted.values()], log_sigma2_init)
     return model
+
+
+def _sbp_options(sbp, sparsevd):
+    """The SBPDropout options of ``sbp`` (None for no SBP), checked before anything is converted."""
+    if not isinstance(sparsevd, bool):
+        raise TypeError(f"convert: sparsevd must be True or False, got {sparsevd!r}")
+    if sbp is False or sbp is None:
+        if not sparsevd:
+            raise ValueError("convert: sparsevd=False without sbp would change nothing; pass sbp=True to add "
+                             "SBPDropout layers to dense ones")
+        return None
+    options = {} if sbp is True else sbp
+    if not isinstance(options, dict):
+        raise TypeError(f"convert: sbp must be True, False or a dict of SBPDropout options, got {sbp!r}")
+    allowed = {"threshold", "bounds", "mu_init", "log_sigma_init"}
+    if set(options) - allowed:
+        raise ValueError(f"convert: unknown SBPDropout options {sorted(set(options) - allowed)} (allowed: "
+                         f"{sorted(allowed)})")
+    SBPDropout(1, **options)  # checks the values once
+    return options
+
+
+def _with_sbp(layer, original, options):
+    """``layer``, followed by an SBPDropout on its output units when ``options`` is not None."""
+    if options is None:
+        return layer
+    linear = isinstance(original, nn.Linear)
+    units = original.out_features if linear else original.out_channels
+    sbp = SBPDropout(units, dim=-1 if linear else 1, device=original.weight.device, dtype=original.weight.dtype,
+                     **options)
+    return nn.Sequential(layer, sbp).train(original.training)
 
 
 def _warn_if_pruned(named_layers, log_sigma2_init):

@@ -77,3 +77,11 @@ def noise_from_seed(rows, cols, seed, device):
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed) & ((1 << 63) - 1))
     return torch.randn(rows, cols, generator=generator, device=device, dtype=torch.float32)
+
+
+def uniform_from_seed(rows, cols, seed, device):
+    """Uniform [0, 1) [rows, cols] float32 noise determined by ``seed`` alone (the SBP
+    sampler's; the compiled CPU kernel draws the same numbers from the same seed)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed) & ((1 << 63) - 1))
+    return torch.rand(rows, cols, generator=generator, device=device, dtype=torch.float32)

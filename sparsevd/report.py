@@ -8,6 +8,7 @@ from torch import nn
 
 from .conv import _SparseVDConvNd
 from .layers import SparseVDModule
+from .sbp import sbp_modules
 from .shapes import output_positions
 from .sparse import SparseLinear, _SparseConvNd
 
@@ -63,10 +64,13 @@ def _si(value):
 
 
 class Report:
-    """Per-layer rows (``.rows``: a list of dicts, DataFrame-friendly) and a ``.total`` row."""
+    """Per-layer rows (``.rows``: a list of dicts, DataFrame-friendly) and a ``.total`` row;
+    ``.units``: one row per :class:`SBPDropout` layer (units kept of its units), empty
+    without them."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, units=()):
         self.rows = rows
+        self.units = list(units)
         kept, total = sum(r["kept"] for r in rows), sum(r["total"] for r in rows)
         self.total = {
             "layer": "total",
@@ -80,7 +84,7 @@ class Report:
         }
 
     def to_dict(self):
-        return {"layers": self.rows, "total": self.total}
+        return {"layers": self.rows, "total": self.total, "units": self.units}
 
     def __str__(self):
         head = f"{'layer':<16}{'type':<15}{'shape':>12}{'kept':>10}{'total':>11}{'sparsity':>10}{'|W|/|W≠0|':>11}" \
@@ -94,6 +98,9 @@ class Report:
                 f"{r['layer']:<16}{r['type']:<15}{shape:>12}{r['kept']:>10}{r['total']:>11}{r['sparsity']:>10.2%}"
                 f"{r['compression']:>11.1f}{flops:>20}{size:>20}"
             )
+        if self.units:
+            lines += ["", f"{'SBP layer':<16}{'units kept':>12}{'total':>8}"]
+            lines += [f"{u['layer']:<16}{u['kept']:>12}{u['total']:>8}" for u in self.units]
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -101,7 +108,8 @@ class Report:
 
 def report(model, input_shape=None):
     """Compression of every linear and convolution layer of ``model`` (SparseVD layers,
-    SparseLinear/SparseConv*d, nn.Linear/nn.Conv*d).
+    SparseLinear/SparseConv*d, nn.Linear/nn.Conv*d), and the units kept by each
+    :class:`SBPDropout` layer (``.units``).
 
     kept/total weights, sparsity, |W|/|W≠0|, and per-example FLOPs and weight bytes as a
     dense layer against the sparse form (CSR with int32 indices). A convolution's FLOPs
@@ -118,4 +126,5 @@ def report(model, input_shape=None):
         raise ValueError(f"{type(model).__name__} has no linear layers or convolutions to report on")
     has_conv = any(isinstance(m, _CONVS) for _, m in layers)
     positions = output_positions(model, input_shape, _CONVS) if has_conv and input_shape is not None else {}
-    return Report([_row(name, m, positions) for name, m in layers])
+    units = [{"layer": name, "kept": m.kept_units(), "total": m.total_units()} for name, m in sbp_modules(model)]
+    return Report([_row(name, m, positions) for name, m in layers], units)

@@ -3,10 +3,11 @@
 Each SparseVD layer becomes its masked weight in the form a cost model predicts to be
 fastest for the given batch size and device: CSR (:class:`SparseLinear`,
 :class:`SparseConv2d`, :class:`SparseConv1d`) or a dense ``nn.Linear``/``nn.Conv*d``.
-Before that, dead units are cut: output units (convolution filters) whose weights are all
-pruned (their output is a constant, folded into the next layer's bias where that is
-exact) and units whose outputs no later layer reads, shrinking the neighbouring layers
-of a Sequential.
+Before that, every :class:`SBPDropout` is folded into a neighbouring layer (its eval
+multiplier E[θ]·mask scales that layer's output rows or input columns), and dead units are
+cut: output units (convolution filters) whose weights are all pruned (their output is a
+constant, folded into the next layer's bias where that is exact) and units whose outputs
+no later layer reads, shrinking the neighbouring layers of a Sequential.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from .conv import _SparseVDConvNd
 from .inference import FusedSequential
 from .layers import SparseVDLinear
+from .sbp import SBPDropout
 from .shapes import output_positions
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 
@@ -234,6 +236,123 @@ def _shrink_sequentials(module):
                 changed |= _shrink_pair(module, i, j)
 
 
+#: Modules f with f(s·x) = s·f(x) for a per-unit s ≥ 0 (in eval mode): an SBPDropout's
+#: E[θ]·mask passes through them to the layer on the other side.
+HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+#: The same, acting on each channel of a convolution's output separately.
+CHANNEL_HOMOGENEOUS = HOMOGENEOUS + (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _sbp_reads(sbp, layer, output):
+    """True if ``sbp``'s units are ``layer``'s output units (``output``) or input units."""
+    units = (layer.out_features if output else layer.in_features) if isinstance(layer, nn.Linear) else (
+        layer.out_channels if output else layer.in_channels)
+    dims = (1, -1) if isinstance(layer, nn.Linear) else (1,)
+    return sbp.dim in dims and sbp.num_features == units and getattr(layer, "groups", 1) == 1
+
+
+def _fold_batchnorm(layer, bn):
+    """Fold an eval-mode BatchNorm that reads ``layer``'s outputs into ``layer``; False if it
+    normalizes with batch statistics (no running ones), which no weight can express."""
+    if bn.running_mean is None or bn.running_var is None or bn.num_features != layer.weight.shape[0]:
+        return False
+    with torch.no_grad():
+        gain = torch.rsqrt(bn.running_var.to(layer.weight.dtype) + bn.eps)
+        shift = -bn.running_mean.to(layer.weight.dtype)
+        if bn.affine:
+            gain = gain * bn.weight.to(layer.weight.dtype)
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(shift)
+        new_bias = (bias + shift) * gain + (bn.bias.to(layer.weight.dtype) if bn.affine else 0)
+        layer.weight.mul_(gain.reshape(-1, *(1,) * (layer.weight.dim() - 1)))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias, requires_grad=False)
+        else:
+            layer.bias.copy_(new_bias)
+    return True
+
+
+def _fold_sbp_into_producer(seq, k, scale):
+    """E[θ]·mask of the SBPDropout seq[k] into the output rows (weight, bias) of the layer
+    before it, through a BatchNorm right after that layer (folded into it too) and
+    positively homogeneous modules. True if done."""
+    i = next((i for i in range(k - 1, -1, -1) if isinstance(seq[i], (nn.Linear, *_CONVS))), None)
+    if i is None or not _sbp_reads(seq[k], seq[i], output=True):
+        return False
+    layer, between = seq[i], list(range(i + 1, k))
+    allowed = HOMOGENEOUS if isinstance(layer, nn.Linear) else CHANNEL_HOMOGENEOUS
+    norms = [n for n in between if isinstance(seq[n], _BATCHNORMS)]
+    if not all(isinstance(seq[n], allowed) or n in norms for n in between):
+        return False
+    # a BatchNorm folds only where it reads the layer's outputs directly
+    if norms and (norms != [i + 1] or not _fold_batchnorm(layer, seq[i + 1])):
+        return False
+    if norms:
+        seq[i + 1] = nn.Identity()
+    with torch.no_grad():
+        shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+        layer.weight.mul_(scale.to(layer.weight.dtype).reshape(shape))
+        if layer.bias is not None:
+            layer.bias.mul_(scale.to(layer.bias.dtype))
+    # a BatchNorm after the SBP now reads the scaled layer directly: fold it as well, so
+    # that the pruned units become constant and _shrink_sequentials can cut them
+    after = next((n for n in range(k + 1, len(seq)) if not isinstance(seq[n], nn.Identity)), None)
+    if after is not None and isinstance(seq[after], _BATCHNORMS) and _fold_batchnorm(layer, seq[after]):
+        seq[after] = nn.Identity()
+    return True
+
+
+def _fold_sbp_into_consumer(seq, k, scale):
+    """E[θ]·mask of the SBPDropout seq[k] into the input columns of the layer after it,
+    through positively homogeneous modules (and a Flatten before a linear layer, whose
+    inputs are then the units' blocks). True if done."""
+    sbp = seq[k]
+    j = next((j for j in range(k + 1, len(seq)) if isinstance(seq[j], (nn.Linear, *_CONVS))), None)
+    if j is None:
+        return False
+    layer, between = seq[j], [seq[n] for n in range(k + 1, j)]
+    flat = [m for m in between if isinstance(m, nn.Flatten)]
+    w = layer.weight
+    if flat:
+        if (len(flat) != 1 or between[-1] is not flat[0] or (flat[0].start_dim, flat[0].end_dim) != (1, -1)
+                or not isinstance(layer, nn.Linear) or sbp.dim != 1 or w.shape[1] % sbp.num_features):
+            return False
+        between = between[:-1]
+    elif not _sbp_reads(sbp, layer, output=False):
+        return False
+    if not all(isinstance(m, CHANNEL_HOMOGENEOUS if sbp.dim == 1 else HOMOGENEOUS) for m in between):
+        return False
+    with torch.no_grad():
+        view = w.reshape(w.shape[0], sbp.num_features, -1) if isinstance(layer, nn.Linear) else w
+        view.mul_(scale.to(w.dtype).reshape(1, -1, *(1,) * (view.dim() - 2)))
+    return True
+
+
+def _fold_sbp(module):
+    """Replace every SBPDropout in an nn.Sequential by its eval multiplier E[θ]·mask folded
+    into the layer before it or after it (exact; the pruned units become dead or unread, for
+    _shrink_sequentials to cut). One that cannot be folded stays, computing the same in
+    eval mode. A Sequential left with one layer (convert's ``Sequential(layer, SBPDropout)``)
+    is replaced by that layer, so that its parent Sequential can shrink it."""
+    for name, child in module.named_children():
+        _fold_sbp(child)
+        if isinstance(child, nn.Sequential) and getattr(child, "_sbp_folded", False):
+            rest = [m for m in child if not isinstance(m, nn.Identity)]
+            if len(rest) == 1:
+                setattr(module, name, rest[0])
+    if not isinstance(module, nn.Sequential):
+        return
+    for k in range(len(module)):
+        if isinstance(module[k], SBPDropout):
+            scale = module[k].eval_scale()
+            if _fold_sbp_into_producer(module, k, scale) or _fold_sbp_into_consumer(module, k, scale):
+                module[k] = nn.Identity()
+                module._sbp_folded = True
+
+
 def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix=""):
     for name, child in module.named_children():
         full = prefix + name
@@ -264,7 +383,8 @@ def _fuse_sequentials(module):
 
 
 def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
-    """An inference copy of ``model`` (eval mode) with every SparseVD layer pruned and
+    """An inference copy of ``model`` (eval mode) with every SBPDropout folded into a
+    neighbouring layer (its pruned units cut), and every SparseVD layer pruned and
     replaced by a CSR layer (:class:`SparseLinear`, :class:`SparseConv2d`,
     :class:`SparseConv1d`) or a (smaller) dense ``nn.Linear``/``nn.Conv*d``, whichever
     ``cost_model`` predicts faster at ``batch_size`` on the model's device. The result
@@ -286,6 +406,7 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     for p in inference.parameters():
         p.requires_grad_(False)
     _replace_sparsevd(inference)
+    _fold_sbp(inference)
     positions = {} if input_shape is None else output_positions(inference, input_shape, _CONVS)
     if shrink:
         _shrink_sequentials(inference)
@@ -294,4 +415,6 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     for m in inference.modules():
         if hasattr(m, "sparsevd_origin"):
             del m.sparsevd_origin
+        if hasattr(m, "_sbp_folded"):
+            del m._sbp_folded
     return _fuse_sequentials(inference).eval()

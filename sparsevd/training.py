@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layers import SparseVDModule
+from .sbp import sbp_modules
 
 #: "At chance": training accuracy no more than this above always predicting the most frequent class.
 CHANCE_MARGIN = 0.05
@@ -33,10 +34,11 @@ def sparsevd_modules(model):
 
 
 def kl_divergence(model):
-    """Σ KL over every SparseVD layer of ``model``: a differentiable 0-dim float32 tensor."""
-    layers = sparsevd_modules(model)
+    """Σ KL over every SparseVD and SBPDropout layer of ``model``: a differentiable 0-dim
+    float32 tensor."""
+    layers = sparsevd_modules(model) + sbp_modules(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no SparseVD layers")
+        raise ValueError(f"{type(model).__name__} has no SparseVD layers and no SBPDropout layers")
     total = layers[0][1].kl()
     for _, layer in layers[1:]:
         total = total + layer.kl()

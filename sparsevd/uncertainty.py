@@ -20,6 +20,7 @@ from torch import nn
 
 from .layers import SparseVDModule
 from .likelihoods import GaussianLikelihood
+from .sbp import SBPDropout
 
 #: The dropout layers predict() keeps on (besides the SparseVD layers, which sample with the LRT).
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -64,7 +65,8 @@ def _positive_int(name, value):
 
 
 def _stochastic_layers(model):
-    return [m for m in model.modules() if isinstance(m, SparseVDModule) or (isinstance(m, DROPOUT) and m.p > 0)]
+    return [m for m in model.modules()
+            if isinstance(m, (SparseVDModule, SBPDropout)) or (isinstance(m, DROPOUT) and m.p > 0)]
 
 
 def _sample(model, x, samples, batch_samples):

@@ -124,6 +124,7 @@ def test_kl_divergence_grad_is_autograd_of_kl_divergence(dtype):
     w = (torch.randn(37, 23, generator=g) * torch.logspace(-5, 0, 23)).to(dtype)
     s = (torch.rand(37, 23, generator=g) * 20 - 15).to(dtype)
     s[0, :3] = torch.tensor([50.0, -50.0, float("nan")])  # clamped above, below; NaN
+    w[1, :2], s[1, :2] = 1.0, torch.tensor([10.0, -10.0])  # log α exactly at the bounds (log(1 + 1e-8) = 0)
     wr, sr = w.clone().requires_grad_(), s.clone().requires_grad_()
     want = torch.autograd.grad(R.kl_divergence(wr, sr), (wr, sr))
     got = R.kl_divergence_grad(w, s)

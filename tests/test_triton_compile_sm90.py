@@ -24,10 +24,10 @@ _SCRIPT = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import sparsevd.triton_kernels as package
-    from sparsevd.triton_kernels import kl, lrt_elementwise, lrt_gemm, lrt_sample
+    from sparsevd.triton_kernels import kl, lrt_elementwise, lrt_gemm, lrt_sample, sbp
 
     TARGET = GPUTarget("cuda", 90, 32)
-    INTS = {"M", "N", "K", "numel", "n", "start", "n_x", "n_ls", "n_p", "x_programs"}
+    INTS = {"M", "N", "K", "numel", "n", "start", "n_x", "n_ls", "n_p", "x_programs", "units"}
     FP32_POINTERS = {"partial_ptr", "out_ptr", "dbp_ptr", "z_ptr"}
     compiled = set()
 
@@ -36,7 +36,7 @@ _SCRIPT = textwrap.dedent(
             kernel = kernel.fn  # through @autotune and @heuristics
         return kernel
 
-    def compile_kernel(kernel, dtype, constexprs, floats=(), aligned=False):
+    def compile_kernel(kernel, dtype, constexprs, floats=(), aligned=False, pointers=None):
         # aligned: the specialization the runtime gives 16-divisible sizes, strides and
         # addresses (the large problems), a different code path (cp.async pipelines, wgmma)
         fn = jit_function(kernel)
@@ -44,6 +44,8 @@ _SCRIPT = textwrap.dedent(
         for name in fn.arg_names:
             if name in constexprs:
                 signature[name] = "constexpr"
+            elif name in (pointers or {}):
+                signature[name] = pointers[name]
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32" if name in FP32_POINTERS else f"*{dtype}"
             elif name in floats:
@@ -87,6 +89,15 @@ _SCRIPT = textwrap.dedent(
                            floats=("grad_scale", "lo", "hi"))
     compile_kernel(lrt_sample._noise_kernel, "fp32", dict(WIDE=True, BLOCK=1024))
     compile_kernel(kl._sum_kernel, "fp32", dict(BLOCK=1024))
+    for dtype in ("fp32", "fp16", "bf16"):
+        for kl_, consts in ((True, False), (False, True)):
+            compile_kernel(sbp._unit_kernel, dtype, dict(A=-20.0, B=0.0, KL=kl_, CONSTS=consts, BLOCK=256),
+                           pointers={"kl_ptr": "*fp64", "consts_ptr": "*fp64"})
+    for grad in (False, True):
+        for wide in (False, True):
+            compile_kernel(sbp._sample_kernel, "fp32", dict(A=-20.0, B=0.0, GRAD=grad, WIDE=wide, BLOCK=256),
+                           pointers={"consts_ptr": "*fp64"})
+    compile_kernel(sbp._noise_kernel, "fp32", dict(WIDE=True, BLOCK=1024))
 
     # every kernel of the package (a @triton.jit function named *_kernel) was compiled above
     kernels = set()

@@ -8,6 +8,7 @@
   backward's epilogues).
 - :mod:`.lrt_gemm`: the fused dual-GEMM kernels.
 - :mod:`.kl`: the summed KL term of Sparse Variational Dropout and its gradients.
+- :mod:`.sbp`: Structured Bayesian Pruning's KL and inverse-CDF sampler.
 
 The launchers take plain tensors and return plain tensors; dispatch, autograd and
 torch.library registration live in the ``sparsevd`` package. docs/gpu.md has what was

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..noise import noise_from_seed
+from ..noise import noise_from_seed, uniform_from_seed
 
 
 def _lrt_noise(x, weight, seed):
@@ -82,6 +82,31 @@ def _linear_chain(x, weights, crow_indices, col_indices, biases, activations, ac
     return reference.linear_chain(x, layers).contiguous()
 
 
+def _sbp_check(mu, log_sigma, op):
+    if mu.dim() != 1 or log_sigma.shape != mu.shape:
+        raise ValueError(f"{op}: mu and log_sigma must be 1-D of one shape, got {tuple(mu.shape)} and "
+                         f"{tuple(log_sigma.shape)}")
+    if bool(torch.isnan(mu).any()) or bool(torch.isnan(log_sigma).any()):
+        raise ValueError(f"{op}: mu or log_sigma contains NaN")
+
+
+def _sbp_kl(mu, log_sigma, a, b):
+    _sbp_check(mu, log_sigma, "sbp_kl")
+    return reference.sbp_kl_with_grad(mu, log_sigma, (a, b))
+
+
+def _sbp_noise(mu, seed, batch):
+    return uniform_from_seed(batch, mu.shape[0], seed, mu.device)
+
+
+def _sbp_sample(mu, log_sigma, seed, batch, a, b, with_grad):
+    _sbp_check(mu, log_sigma, "sbp_sample")
+    theta, dmu, dls = reference.sbp_sample(mu, log_sigma, _sbp_noise(mu, seed, batch), (a, b), with_grad)
+    if not with_grad:
+        dmu, dls = theta.new_empty(0), theta.new_empty(0)
+    return theta, dmu, dls
+
+
 KERNELS = {
     "kl_divergence": _kl_divergence,
     "kl_divergence_backward": _kl_divergence_backward,
@@ -94,6 +119,9 @@ KERNELS = {
     "lrt_sample_noise": _lrt_sample_noise,
     "csr_linear": _csr_linear,
     "linear_chain": _linear_chain,
+    "sbp_kl": _sbp_kl,
+    "sbp_noise": _sbp_noise,
+    "sbp_sample": _sbp_sample,
 }
 
 

@@ -55,6 +55,24 @@ def _lrt_sample_noise(mean, seed):
     return _lrt().lrt_noise(1, mean.numel(), int(seed), mean.device).view(mean.shape)
 
 
+def _sbp():
+    from ..triton_kernels import sbp
+
+    return sbp
+
+
+def _sbp_kl(mu, log_sigma, a, b):
+    return _sbp().sbp_kl(mu, log_sigma, a, b)
+
+
+def _sbp_sample(mu, log_sigma, seed, batch, a, b, with_grad):
+    return _sbp().sbp_sample(mu, log_sigma, int(seed), batch, a, b, with_grad)
+
+
+def _sbp_noise(mu, seed, batch):
+    return _sbp().sbp_noise(mu.shape[0], batch, int(seed), mu.device)
+
+
 def _kl_divergence(weight, log_sigma2, lo, hi):
     return _kl().kl_forward(weight, log_sigma2, lo, hi)
 
@@ -78,6 +96,9 @@ KERNELS = {
     "kl_divergence": (_kl_divergence, 0),
     "kl_divergence_backward": (_kl_divergence_backward, 1),
     "kl_divergence_with_grad": (_kl_divergence_with_grad, 0),
+    "sbp_kl": (_sbp_kl, 0),
+    "sbp_sample": (_sbp_sample, 0),
+    "sbp_noise": (_sbp_noise, 0),
 }
 
 

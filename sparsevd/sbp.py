@@ -1,0 +1,212 @@
+"""Structured Bayesian Pruning (Neklyudov, Molchanov, Ashukha, Vetrov, NeurIPS 2017):
+:class:`SBPDropout`, multiplicative log-normal noise per unit that learns to remove whole
+neurons and convolution channels, and its functional forms.
+
+Each unit i multiplies its values by θᵢ = exp(xᵢ), xᵢ ~ N(μᵢ, σᵢ²) truncated to [a, b]
+(default [−20, 0]), with a log-uniform prior on θ over the same range. Training draws θ
+per example and unit by the inverse CDF; the loss adds the KL term (:meth:`SBPDropout.kl`,
+included by :func:`sparsevd.kl_divergence` and :class:`sparsevd.SGVLBLoss`). A unit is
+kept when the signal-to-noise ratio SNR = E[θ]/sd(θ) exceeds ``threshold`` (1); eval mode
+multiplies by E[θ]·mask, so the pruned units output 0 and :func:`sparsevd.sparsify` folds
+the multiplier into a neighbouring layer and cuts them: a smaller dense network.
+
+Where the noise multiplies: SBPDropout multiplies whatever it is given, so after a layer
+with a bias it scales the bias too (the authors multiply before the bias: conv without
+bias → SBP → bias → ReLU). ``convert(model, sbp=True)`` puts it right after each layer
+(``nn.Sequential(layer, SBPDropout)``), where sparsify folds E[θ]·mask into the layer's
+output rows (weight and bias) exactly. Anywhere else in an ``nn.Sequential`` (after a
+ReLU or pooling, before a layer, after a BatchNorm) sparsify folds it into the next or the
+previous linear/convolution where that is exact, and otherwise keeps it as a fixed scale.
+
+The math is the SBP section of :mod:`sparsevd.reference`; the kernels are the ops
+``sbp_kl`` and ``sbp_sample`` (C++ on CPU, Triton on CUDA, the reference elsewhere).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import backends, reference  # noqa: F401  (importing backends registers the kernels)
+from .functional import _as_seed, _check_same, _check_tensor
+
+__all__ = ["SBPDropout", "sbp_kl", "sbp_sample", "sbp_noise", "sbp_modules"]
+
+
+def _check_params(op, mu, log_sigma):
+    _check_tensor("mu", mu, op)
+    _check_tensor("log_sigma", log_sigma, op)
+    if mu.dim() != 1 or log_sigma.shape != mu.shape:
+        raise ValueError(f"{op}: mu and log_sigma must be 1-D tensors of one shape [units], got "
+                         f"{tuple(mu.shape)} and {tuple(log_sigma.shape)}")
+    _check_same(op, "mu", mu, log_sigma=log_sigma)
+
+
+def sbp_kl(mu, log_sigma, bounds=reference.SBP_BOUNDS):
+    """Σ over the units of KL(q(θᵢ) ‖ p(θᵢ)): a differentiable 0-dim float32 tensor (float64
+    for float64 parameters). μ and log σ are clipped to [−20, 5] first."""
+    _check_params("sbp_kl", mu, log_sigma)
+    a, b = reference.sbp_check_bounds(bounds)
+    return torch.ops.sparsevd.sbp_kl(mu, log_sigma, a, b)[0]
+
+
+def _check_finite(op, mu, log_sigma):
+    # per call only where no kernel reads the parameters (the kernels check them themselves)
+    if bool(torch.isnan(mu).any()) or bool(torch.isnan(log_sigma).any()):
+        raise ValueError(f"{op}: mu or log_sigma contains NaN")
+
+
+def _check_batch(op, batch):
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"{op}: batch must be an int ≥ 0, got {batch!r}")
+
+
+def sbp_sample(mu, log_sigma, batch, bounds=reference.SBP_BOUNDS, *, seed=None, generator=None):
+    """θ of shape [batch, units], one draw per example and unit, differentiable in μ and log σ
+    (reparameterized: θ = exp(F⁻¹(u)) with F the truncated normal's CDF). The uniforms come
+    from ``seed`` (an int or int64 tensor), drawn from torch's CPU generator (or
+    ``generator``) when not given; :func:`sbp_noise` gives them back. float32 (float64 for
+    float64 parameters)."""
+    op = "sbp_sample"
+    _check_params(op, mu, log_sigma)
+    _check_batch(op, batch)
+    a, b = reference.sbp_check_bounds(bounds)
+    with_grad = torch.is_grad_enabled() and (mu.requires_grad or log_sigma.requires_grad)
+    return torch.ops.sparsevd.sbp_sample(mu, log_sigma, _as_seed(seed, generator), batch, a, b, with_grad)[0]
+
+
+def sbp_noise(mu, batch, seed):
+    """The float32 uniforms [batch, units] that ``sbp_sample(mu, ..., batch, seed=seed)`` used."""
+    _check_tensor("mu", mu, "sbp_noise")
+    _check_batch("sbp_noise", batch)
+    return torch.ops.sparsevd.sbp_noise(mu, _as_seed(seed, None), batch)
+
+
+def _number(name, value, check, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(float(value)):
+        raise ValueError(f"SBPDropout: {name} must be {what}, got {value!r}")
+    return float(value)
+
+
+class SBPDropout(nn.Module):
+    """Log-normal multiplicative noise on the units along ``dim`` (Structured Bayesian Pruning).
+
+    Args:
+        num_features: number of units (the size of the input along ``dim``).
+        dim: the units' dimension of the input (default 1: channels of ``[B, C, ...]``, the
+            features of ``[B, C]``; ``-1`` for ``[B, T, C]``). θ is drawn per example (index
+            along dim 0) and unit and shared over the other dimensions; with ``dim=0`` the
+            input is one example.
+        threshold: keep a unit when SNR = E[θ]/sd(θ) > threshold (default 1).
+        bounds: the truncation range [a, b] of log θ (default (−20, 0)).
+        mu_init, log_sigma_init: initial μ and log σ (default 0 and −5: θ ≈ 1, almost no noise).
+
+    Parameters ``mu`` and ``log_sigma`` have shape [num_features]; both are clipped to
+    [−20, 5] where used (no gradient beyond). Training mode multiplies by θ sampled per
+    example and unit; eval mode by E[θ]·mask (computed once per parameter update).
+    """
+
+    def __init__(self, num_features, *, dim=1, threshold=reference.SBP_THRESHOLD, bounds=reference.SBP_BOUNDS,
+                 mu_init=0.0, log_sigma_init=-5.0, device=None, dtype=None):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"SBPDropout: num_features must be a positive int, got {num_features!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise ValueError(f"SBPDropout: dim must be an int, got {dim!r}")
+        self.num_features = num_features
+        self.dim = dim
+        self.threshold = _number("threshold", threshold, math.isfinite, "a finite number")
+        self.bounds = reference.sbp_check_bounds(bounds)
+        self.mu_init = _number("mu_init", mu_init, math.isfinite, "a finite number")
+        self.log_sigma_init = _number("log_sigma_init", log_sigma_init, math.isfinite, "a finite number")
+        factory = {"device": device, "dtype": dtype}
+        self.mu = nn.Parameter(torch.empty(num_features, **factory))
+        self.log_sigma = nn.Parameter(torch.empty(num_features, **factory))
+        self._eval_cache = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.mu.fill_(self.mu_init)
+            self.log_sigma.fill_(self.log_sigma_init)
+
+    def _units_dim(self, input):
+        _check_tensor("input", input, "SBPDropout")
+        if not -input.dim() <= self.dim < input.dim():
+            raise ValueError(f"SBPDropout: dim={self.dim} is out of range for an input of shape {tuple(input.shape)}")
+        dim = self.dim % input.dim()
+        if input.shape[dim] != self.num_features:
+            raise ValueError(f"SBPDropout: expected {self.num_features} units along dim {self.dim}, got input of "
+                             f"shape {tuple(input.shape)}")
+        return dim
+
+    def forward(self, input):
+        dim = self._units_dim(input)
+        shape = [1] * input.dim()
+        shape[dim] = self.num_features
+        if self.training:
+            batch = input.shape[0] if dim != 0 else 1
+            if dim != 0:
+                shape[0] = batch
+            theta = sbp_sample(self.mu, self.log_sigma, batch, self.bounds)
+        else:
+            theta = self.eval_scale()
+        return input * theta.reshape(shape).to(input.dtype)
+
+    def eval_scale(self):
+        """E[θ]·mask per unit, what eval mode multiplies by (no gradient), in the parameters'
+        dtype. Cached until ``mu`` or ``log_sigma`` change in place (an optimizer step,
+        ``load_state_dict``); a change through ``.data`` is not seen, so call
+        :meth:`reset_parameters` or assign new parameters instead."""
+        mu, log_sigma = self.mu, self.log_sigma
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            key = (mu._version, log_sigma._version, mu.data_ptr(), log_sigma.data_ptr(), mu.dtype, mu.device,
+                   self.threshold, self.bounds)
+            if self._eval_cache is not None and self._eval_cache[0] == key:
+                return self._eval_cache[1]
+        with torch.no_grad():
+            if not compiling:
+                _check_finite("SBPDropout", mu, log_sigma)
+            scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds).to(mu.dtype)
+        if not compiling:
+            self._eval_cache = (key, scale)
+        return scale
+
+    def kl(self):
+        """Σ KL(q‖p) over the units: a 0-dim float32 tensor (float64 for float64 parameters),
+        differentiable in ``mu`` and ``log_sigma``."""
+        return sbp_kl(self.mu, self.log_sigma, self.bounds)
+
+    def snr(self):
+        """SNR = E[θ]/sd(θ) per unit, float64 (a unit with σ at the bottom of the clip range
+        reaches ~1e9; above ~3e4 the value is the first-order expansion, to ~1e-4)."""
+        with torch.no_grad():
+            _check_finite("SBPDropout.snr", self.mu, self.log_sigma)
+            return reference.sbp_snr(self.mu, self.log_sigma, self.bounds)
+
+    def expected_theta(self):
+        """E[θ] per unit, in the parameters' dtype (no gradient)."""
+        with torch.no_grad():
+            _check_finite("SBPDropout.expected_theta", self.mu, self.log_sigma)
+            return reference.sbp_mean(self.mu, self.log_sigma, self.bounds).to(self.mu.dtype)
+
+    def mask(self):
+        """Boolean mask of the units kept: SNR > threshold."""
+        return self.snr() > self.threshold
+
+    def kept_units(self):
+        return int(self.mask().sum())
+
+    def total_units(self):
+        return self.num_features
+
+    def extra_repr(self):
+        return f"{self.num_features}, dim={self.dim}, threshold={self.threshold}, bounds={self.bounds}"
+
+
+def sbp_modules(model):
+    """The :class:`SBPDropout` layers of ``model`` (in ``model.modules()`` order), with their names."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SBPDropout)]
