@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lrt import _flat_offsets
+from ._common import flat_offsets
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,7 +208,7 @@ def _unit_kernel(mu_ptr, ls_ptr, kl_ptr, dmu_ptr, dls_ptr, consts_ptr, n, A: tl.
 @triton.jit
 def _rand(seed, offs, WIDE: tl.constexpr):
     """Uniforms [0, 1) at integer offsets: Philox (``tl.rand``); wide offsets as lrt's
-    _randn: the high word, times an odd constant, goes into the key."""
+    randn (lrt_sample.py): the high word, times an odd constant, goes into the key."""
     if WIDE:
         return tl.rand(seed + (offs >> 32) * 6364136223846793005, offs.to(tl.uint32))
     else:
@@ -217,14 +217,14 @@ def _rand(seed, offs, WIDE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(u_ptr, numel, seed, WIDE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = _flat_offsets(WIDE, BLOCK)
+    offs = flat_offsets(WIDE, BLOCK)
     tl.store(u_ptr + offs, _rand(seed, offs, WIDE), mask=offs < numel)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(consts_ptr, theta_ptr, dmu_ptr, dls_ptr, numel, units, seed, A: tl.constexpr, B: tl.constexpr,
                    GRAD: tl.constexpr, WIDE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    offs = _flat_offsets(WIDE, BLOCK)
+    offs = flat_offsets(WIDE, BLOCK)
     mask = offs < numel
     unit = offs % units
     mu = tl.load(consts_ptr + unit, mask=mask, other=0.0)
