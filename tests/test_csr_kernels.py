@@ -423,3 +423,49 @@ def test_invalid_structure_raises_and_never_crashes(n_threads):
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok"), done.stdout
+
+
+# ---- autograd (C++, csrc/csr_linear_autograd.cpp) --------------------------------------------
+
+
+def test_cpp_autograd_registered():
+    assert compiled_kernel("AutogradCPU"), torch._C._dispatch_dump("sparsevd::csr_linear")
+    assert compiled_kernel("AutogradCUDA"), torch._C._dispatch_dump("sparsevd::csr_linear")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wanted", ["all", "x", "values", "bias"])
+def test_gradients_match_reference(device, m, bias, wanted):
+    if wanted == "bias" and not bias:
+        pytest.skip("no bias")
+    dense = make_weight(13, 21, "empty_rows", density=0.4, seed=m)
+    crow, col, values = to_csr(dense, torch.float64, device)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 21, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(13, generator=g, dtype=torch.float64).to(device) if bias else None
+    inputs = {"x": x, "values": values, "bias": b}
+    for name, t in inputs.items():
+        if t is not None and wanted in ("all", name):
+            t.requires_grad_()
+    out = csr_linear(x, crow, col, values, b)
+    ref = reference.csr_linear(x, crow, col, values, b)
+    grad = torch.randn(m, 13, generator=g, dtype=torch.float64).to(device)
+    wrt = [t for t in inputs.values() if t is not None and t.requires_grad]
+    for a, e in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(ref, wrt, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    if m < 70:
+        assert torch.autograd.gradcheck(lambda *args: csr_linear(*args), (x, crow, col, values, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_graph_without_grad(device):
+    dense = make_weight(13, 21, "random", density=0.4)
+    crow, col, values = to_csr(dense, torch.float32, device)
+    x = torch.randn(3, 21, device=device)
+    values.requires_grad_()
+    with torch.no_grad():
+        assert csr_linear(x, crow, col, values, None).grad_fn is None
+    assert csr_linear(x, crow, col, values.detach(), None).grad_fn is None
+    assert csr_linear(x, crow, col, values, None).grad_fn is not None
