@@ -37,6 +37,16 @@ TORCH_LIBRARY(sparsevd, m) {
   // first balances the load, as in Sputnik); it never changes the result.
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
         "Tensor? bias, Tensor? row_order=None) -> Tensor");
+  // A chain of linear layers, each followed by an elementwise activation, in one call
+  // (inference only): x [M, K0] -> [M, N_last]. Layer i is dense when crow_indices[i]
+  // is None (weights[i] = [N_i, K_i]) or CSR (weights[i] = values [nnz_i], int32
+  // crow_indices[i] [N_i + 1] and col_indices[i] [nnz_i]); K_i = N_(i-1); biases[i]
+  // may be None. activations[i] is an index into sparsevd.reference.ACTIVATIONS (0
+  // identity, 1 relu, 2 leaky_relu, 3 relu6, 4 elu, 5 tanh, 6 sigmoid, 7 gelu,
+  // 8 gelu_tanh, 9 silu); activation_params[i] is leaky_relu's slope or elu's alpha.
+  m.def("linear_chain(Tensor x, Tensor[] weights, Tensor?[] crow_indices, "
+        "Tensor?[] col_indices, Tensor?[] biases, int[] activations, "
+        "float[] activation_params) -> Tensor");
 }
 
 // The noise is a constant of the seed: nothing to differentiate.

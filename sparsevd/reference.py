@@ -121,6 +121,40 @@ def csr_linear(x, crow_indices, col_indices, values, bias=None):
     return torch.nn.functional.linear(x, dense, bias)
 
 
+
+#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index).
+#: The C++ kernels' ``Act`` enum (csrc/cpu/csr_kernels.h) lists them in this order.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
+
+
+def activation(x, code, param=0.0):
+    """Activation ``ACTIVATIONS[code]`` as torch's nn modules compute it; ``param`` is
+    leaky_relu's negative slope or elu's alpha (ignored by the others)."""
+    F = torch.nn.functional
+    name = ACTIVATIONS[code]
+    if name == "identity":
+        return x
+    if name == "leaky_relu":
+        return F.leaky_relu(x, param)
+    if name == "elu":
+        return F.elu(x, param)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return {"relu": F.relu, "relu6": F.relu6, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}[name](x)
+
+
+def linear_chain(x, weights, crow_indices, col_indices, biases, activations, activation_params):
+    """A chain of linear layers with an activation after each: for layer i,
+    x = activation(x Wᵢᵀ + bᵢ, activations[i], activation_params[i]). Wᵢ is dense
+    (``weights[i]`` [Nᵢ, Kᵢ]) when ``crow_indices[i]`` is None, else CSR with values
+    ``weights[i]``; ``biases[i]`` may be None."""
+    for w, crow, col, b, code, param in zip(weights, crow_indices, col_indices, biases, activations, activation_params):
+        x = torch.nn.functional.linear(x, w, b) if crow is None else csr_linear(x, crow, col, w, b)
+        x = activation(x, code, param)
+    return x
+
 def _conv(weight):
     # a weight [out, in / groups, *kernel] says which N-d convolution it belongs to
     return {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[weight.dim()]
