@@ -34,7 +34,11 @@ TORCH_LIBRARY(sparsevd, m) {
   m.def("lrt_sample_noise(Tensor mean, Tensor seed) -> Tensor");
   // y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices. row_order: an int32
   // permutation of the N rows, the order in which the GPU kernel schedules them (longest
-  // first balances the load, as in Sputnik); it never changes the result.
+  // first balances the load, as in Sputnik); it never changes the result. No index is
+  // trusted: the CPU kernel raises on an invalid structure (RuntimeError for
+  // crow_indices, IndexError for a column outside [0, K)); the CUDA kernel, which cannot
+  // raise without a sync, makes every output of an invalid row NaN (entries of row_order
+  // outside [0, N) are skipped). Neither reads or writes out of bounds.
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
         "Tensor? bias, Tensor? row_order=None) -> Tensor");
   // A chain of linear layers, each followed by an elementwise activation, in one call
