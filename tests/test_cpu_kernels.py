@@ -466,6 +466,16 @@ _ISA_SCRIPT = textwrap.dedent(
                     pass
                 else:
                     raise AssertionError("no IndexError")
+    # a bad index inside the first 32 non-zeros of a long row (the GEMV's unmasked steps)
+    crow = torch.tensor([0, 100], dtype=torch.int32)
+    for at, value in ((5, 300), (40, -1)):
+        col = torch.arange(100, dtype=torch.int32); col[at] = value
+        try:
+            ops.csr_linear(torch.randn(1, 200), crow, col, torch.randn(100), None)
+        except IndexError as e:
+            assert f"col_indices[{at}] = {value}" in str(e), str(e)
+        else:
+            raise AssertionError("no IndexError")
     print("ok", worst)
     """
 )
@@ -480,6 +490,18 @@ def test_every_instruction_set_path(capability):
         # forcing a wider set than the CPU has makes torch's own kernels die of SIGILL
         pytest.skip(f"this CPU's widest instruction set is {widest}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("gathers", ["0", "1"])
+def test_csr_gemv_with_and_without_gathers(gathers):
+    """The AVX-512 float32 GEMV has a gather form (chosen on Intel) and a scalar-load form
+    (chosen on AMD): SPARSEVD_CSR_GATHER picks one, so both run on either CPU."""
+    if torch.backends.cpu.get_cpu_capability().lower() != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
+    env = dict(os.environ, SPARSEVD_CSR_GATHER=gathers)
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -352,6 +353,20 @@ SPARSEVD_INLINE void dense_gemv_rows(const scalar_t* __restrict w, const acc_t* 
 }
 
 #if SPARSEVD_X86
+// Whether the float32 GEMV uses AVX-512 gathers (below): about twice the scalar loop's
+// speed on Intel cores, but slower than scalar loads on AMD Zen 4, where a 16-lane gather
+// is microcoded (300×784 at 98.9 %: 2.9 µs against 1.6 µs). SPARSEVD_CSR_GATHER=1 / 0
+// overrides the choice by vendor (read once; the tests run both).
+inline bool use_gathers() {
+  static const bool gathers = [] {
+    const char* env = std::getenv("SPARSEVD_CSR_GATHER");
+    if (env != nullptr && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return gathers;
+}
+
 // float32 GEMV with AVX-512 gathers, y[r] = Σ_j w_rj x[col_j] + b_r: 16 non-zeros per
 // step (one load of 16 column indices, one of 16 values, one gather of x), 16 partial
 // sums per row reduced at the end. About twice the scalar loop's speed at SparseVD
@@ -401,13 +416,93 @@ SPARSEVD_TARGET_AVX512 inline bool gemv_f32_avx512_gather(const int32_t* crow, c
 
 // ---- M > 1: panels ---------------------------------------------------------------------
 
+// The batch blocks of an M-column batch: full blocks of `vectors` SIMD vectors of
+// `lanes` values, then one block only as wide as the remaining columns need: whole
+// vectors, or half a vector when that is enough (half-width registers: a batch of 8
+// floats under AVX-512 packs and multiplies 8 columns, not 16).
+struct Blocks {
+  int64_t M, lanes, width, count;
+  bool half;  // whether half-vector blocks exist (not in the 16-byte portable build)
+  Blocks(int64_t M_, int64_t lanes_, int64_t vectors, bool half_)
+      : M(M_), lanes(lanes_), width(vectors * lanes_),
+        count((M_ + vectors * lanes_ - 1) / (vectors * lanes_)), half(half_) {}
+  int64_t m0(int64_t b) const { return b * width; }
+  int64_t valid(int64_t b) const { return std::min(width, M - b * width); }
+  int64_t panel_width(int64_t b) const {
+    const int64_t v = valid(b);
+    return half && 2 * v <= lanes ? lanes / 2 : (v + lanes - 1) / lanes * lanes;
+  }
+};
+
+#if SPARSEVD_X86
+// Eight values of x as floats in a ymm register (AVX2 / AVX-512 builds only).
+template <typename scalar_t>
+SPARSEVD_INLINE SPARSEVD_TARGET_AVX2 __m256 load8_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// r[t][i] ← r[i][t]: the 8 × 8 transpose in registers.
+SPARSEVD_INLINE SPARSEVD_TARGET_AVX2 void transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// P[k][:] for k < the returned multiple of 8 (see pack_panel), rows of x contiguous
+// along K, W a multiple of 8. A called function, not an inlined one: its instruction set
+// is AVX2 whatever the caller's.
+template <typename scalar_t>
+SPARSEVD_TARGET_AVX2 int64_t pack_panel_t8(const scalar_t* __restrict x, int64_t sm, int64_t m0,
+                                           int64_t valid, int64_t K, int64_t W,
+                                           float* __restrict P) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= K; k0 += 8) {
+    for (int64_t i0 = 0; i0 < W; i0 += 8) {
+      __m256 r[8];
+      for (int t = 0; t < 8; ++t)
+        r[t] = i0 + t < valid ? load8_float(x + (m0 + i0 + t) * sm + k0) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int t = 0; t < 8; ++t) _mm256_storeu_ps(P + (k0 + t) * W + i0, r[t]);
+    }
+  }
+  return k0;
+}
+#endif
+
 // P [K][W] ← x[m0 : m0 + valid, :] (strides sm, sk) in acc_t, columns valid..W zeroed.
-// 16 × 16 tiles keep both sides in cache lines.
-template <typename scalar_t, typename acc_t>
+// float panels of rows contiguous along K go through 8 × 8 register transposes in the
+// AVX2 / AVX-512 builds (VB >= 32); the rest through 16 × 16 tiles that keep both sides
+// in cache lines.
+template <int VB, typename scalar_t, typename acc_t>
 SPARSEVD_INLINE void pack_panel(const scalar_t* __restrict x, int64_t sm, int64_t sk, int64_t m0,
                                 int64_t valid, int64_t K, int64_t W, acc_t* __restrict P) {
+  int64_t k0 = 0;
+#if SPARSEVD_X86
+  if constexpr (VB >= 32 && std::is_same_v<acc_t, float>) {
+    if (sk == 1 && W % 8 == 0) k0 = pack_panel_t8(x, sm, m0, valid, K, W, P);
+  }
+#endif
   constexpr int64_t T = 16;
-  for (int64_t kb = 0; kb < K; kb += T) {
+  for (int64_t kb = k0; kb < K; kb += T) {
     const int64_t ke = std::min(kb + T, K);
     for (int64_t ib = 0; ib < valid; ib += T) {
       const int64_t ie = std::min(ib + T, valid);

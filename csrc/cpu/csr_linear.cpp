@@ -127,8 +127,28 @@ struct StoreY {
 };
 
 // Panels of 4 vectors per row at most (see csr_kernels.h); the tail block of a batch
-// needs 1 to 4.
+// needs 1 to 4, or half a vector.
 constexpr int kMaxVectors = 4;
+
+// Rows [r0, r1) against a panel of `width` values per row: 1..4 SIMD vectors of VB
+// bytes, or one of VB / 2 (in the AVX2 / AVX-512 builds).
+template <int VB, typename scalar_t, typename acc_t>
+SPARSEVD_INLINE bool spmm_panel(int64_t width, const int32_t* crow, const int32_t* col,
+                                const scalar_t* val, uint32_t nnz, const acc_t* P, uint32_t K,
+                                const scalar_t* bias, int64_t m0, int64_t valid, int64_t N,
+                                scalar_t* y, int64_t r0, int64_t r1, BadIndex& bad) {
+  constexpr int64_t L = csr::Simd<acc_t, VB>::kLanes;
+  if constexpr (VB >= 32) {
+    if (width < L)
+      return csr::spmm_rows_to_y<VB / 2, 1>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+  }
+  switch (width / L) {
+    case 1: return csr::spmm_rows_to_y<VB, 1>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    case 2: return csr::spmm_rows_to_y<VB, 2>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    case 3: return csr::spmm_rows_to_y<VB, 3>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    default: return csr::spmm_rows_to_y<VB, 4>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+  }
+}
 
 // ---------------------------------------------------------------------------------------
 // Per-ISA entry points: same body, different code generation.
@@ -143,25 +163,17 @@ constexpr int kMaxVectors = 4;
                                                      StoreY<scalar_t, acc_t>{bias, y}, bad);  \
   }                                                                                           \
   template <typename scalar_t>                                                                \
-  ATTR bool spmm_##SUFFIX(int nv, const int32_t* crow, const int32_t* col,                    \
+  ATTR bool spmm_##SUFFIX(int64_t width, const int32_t* crow, const int32_t* col,             \
                           const scalar_t* val, uint32_t nnz, const acc_type<scalar_t>* P,     \
                           uint32_t K, const scalar_t* bias, int64_t m0, int64_t valid,        \
                           int64_t N, scalar_t* y, int64_t r0, int64_t r1, BadIndex& bad) {    \
-    switch (nv) {                                                                             \
-      case 1: return csr::spmm_rows_to_y<VB, 1>(crow, col, val, nnz, P, K, bias, m0, valid,   \
-                                                N, y, r0, r1, bad);                           \
-      case 2: return csr::spmm_rows_to_y<VB, 2>(crow, col, val, nnz, P, K, bias, m0, valid,   \
-                                                N, y, r0, r1, bad);                           \
-      case 3: return csr::spmm_rows_to_y<VB, 3>(crow, col, val, nnz, P, K, bias, m0, valid,   \
-                                                N, y, r0, r1, bad);                           \
-      default: return csr::spmm_rows_to_y<VB, 4>(crow, col, val, nnz, P, K, bias, m0, valid,  \
-                                                 N, y, r0, r1, bad);                          \
-    }                                                                                         \
+    return spmm_panel<VB>(width, crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1,    \
+                          bad);                                                               \
   }                                                                                           \
   template <typename scalar_t>                                                                \
   ATTR void pack_##SUFFIX(const scalar_t* x, int64_t sm, int64_t sk, int64_t m0,              \
                           int64_t valid, int64_t K, int64_t W, acc_type<scalar_t>* P) {       \
-    csr::pack_panel(x, sm, sk, m0, valid, K, W, P);                                           \
+    csr::pack_panel<VB>(x, sm, sk, m0, valid, K, W, P);                                       \
   }
 
 SPARSEVD_DEFINE_ISA(portable, 16, )
@@ -177,11 +189,12 @@ struct Kernels {
   using acc_t = acc_type<scalar_t>;
   bool (*gemv)(const int32_t*, const int32_t*, const scalar_t*, uint32_t, const scalar_t*,
                uint32_t, const scalar_t*, scalar_t*, int64_t, int64_t, BadIndex&);
-  bool (*spmm)(int, const int32_t*, const int32_t*, const scalar_t*, uint32_t, const acc_t*,
+  bool (*spmm)(int64_t, const int32_t*, const int32_t*, const scalar_t*, uint32_t, const acc_t*,
                uint32_t, const scalar_t*, int64_t, int64_t, int64_t, scalar_t*, int64_t, int64_t,
                BadIndex&);
   void (*pack)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*);
   int64_t lanes;  // acc_t values per SIMD vector
+  bool half;      // half-vector panels exist
 };
 
 template <typename scalar_t>
@@ -193,31 +206,19 @@ const Kernels<scalar_t>& kernels() {
 #if SPARSEVD_X86
       case vm::Isa::kAvx512:
         if constexpr (std::is_same_v<scalar_t, float>) {
-          return {&csr::gemv_f32_avx512_gather, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S};
+          if (csr::use_gathers())
+            return {&csr::gemv_f32_avx512_gather, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S, true};
         }
-        return {&gemv_avx512<scalar_t>, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S};
+        return {&gemv_avx512<scalar_t>, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S, true};
       case vm::Isa::kAvx2:
-        return {&gemv_avx2<scalar_t>, &spmm_avx2<scalar_t>, &pack_avx2<scalar_t>, 32 / S};
+        return {&gemv_avx2<scalar_t>, &spmm_avx2<scalar_t>, &pack_avx2<scalar_t>, 32 / S, true};
 #endif
       default:
-        return {&gemv_portable<scalar_t>, &spmm_portable<scalar_t>, &pack_portable<scalar_t>, 16 / S};
+        return {&gemv_portable<scalar_t>, &spmm_portable<scalar_t>, &pack_portable<scalar_t>, 16 / S, false};
     }
   }();
   return chosen;
 }
-
-// The batch blocks: full blocks of `vectors` SIMD vectors, then one block of as many
-// vectors as the remaining columns need.
-struct Blocks {
-  int64_t M, lanes, vectors, width, count;
-  Blocks(int64_t M_, int64_t lanes_, int64_t vectors_)
-      : M(M_), lanes(lanes_), vectors(vectors_), width(vectors_ * lanes_),
-        count((M_ + vectors_ * lanes_ - 1) / (vectors_ * lanes_)) {}
-  int64_t m0(int64_t b) const { return b * width; }
-  int64_t valid(int64_t b) const { return std::min(width, M - b * width); }
-  int nv(int64_t b) const { return static_cast<int>((valid(b) + lanes - 1) / lanes); }
-  int64_t panel_width(int64_t b) const { return nv(b) * lanes; }
-};
 
 template <typename scalar_t>
 BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
@@ -243,7 +244,7 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
 
   int64_t vectors = kMaxVectors;
   while (vectors > 1 && K * vectors * k.lanes * int64_t(sizeof(acc_t)) > csr::kPanelBytes) vectors /= 2;
-  const Blocks blocks(M, k.lanes, vectors);
+  const csr::Blocks blocks(M, k.lanes, vectors, k.half);
   const int64_t panel = K * blocks.width;
   const int64_t sm = x.stride(0), sk = x.stride(1);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -252,7 +253,7 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
   const bool parallel = threads > 1 && work >= csr::kSerialWork && !at::in_parallel_region();
 
   auto run_block = [&](int64_t b, const acc_t* P, int64_t r0, int64_t r1, BadIndex& bad) {
-    return k.spmm(blocks.nv(b), crow_p, col_p, val_p, unnz, P, ucols, bias_p, blocks.m0(b),
+    return k.spmm(blocks.panel_width(b), crow_p, col_p, val_p, unnz, P, ucols, bias_p, blocks.m0(b),
                   blocks.valid(b), N, y_p, r0, r1, bad);
   };
 

@@ -148,13 +148,19 @@ struct StoreAcc {  // out[r] = sum + b_r
   }
 };
 
-// Panels of nv = 1..4 SIMD vectors per row.
+// Panels of `width` values per row: 1..4 SIMD vectors of VB bytes, or one of VB / 2 (in
+// the AVX2 / AVX-512 builds).
 template <int VB, typename scalar_t, typename acc_t>
-SPARSEVD_INLINE bool spmm_panel(int nv, const int32_t* crow, const int32_t* col,
+SPARSEVD_INLINE bool spmm_panel(int64_t width, const int32_t* crow, const int32_t* col,
                                 const scalar_t* val, uint32_t nnz, const acc_t* P, uint32_t K,
                                 const scalar_t* bias, int64_t act, acc_t param, acc_t* Q,
                                 int64_t r0, int64_t r1, BadIndex& bad) {
-  switch (nv) {
+  constexpr int64_t L = csr::Simd<acc_t, VB>::kLanes;
+  if constexpr (VB >= 32) {
+    if (width < L)
+      return csr::spmm_rows_to_panel<VB / 2, 1>(crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);
+  }
+  switch (width / L) {
     case 1: return csr::spmm_rows_to_panel<VB, 1>(crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);
     case 2: return csr::spmm_rows_to_panel<VB, 2>(crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);
     case 3: return csr::spmm_rows_to_panel<VB, 3>(crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);
@@ -163,10 +169,14 @@ SPARSEVD_INLINE bool spmm_panel(int nv, const int32_t* crow, const int32_t* col,
 }
 
 template <int VB, typename scalar_t, typename acc_t>
-SPARSEVD_INLINE void dense_panel(int nv, const scalar_t* w, int64_t K, const acc_t* P,
+SPARSEVD_INLINE void dense_panel(int64_t width, const scalar_t* w, int64_t K, const acc_t* P,
                                  const scalar_t* bias, int64_t act, acc_t param, acc_t* Q,
                                  int64_t r0, int64_t r1) {
-  switch (nv) {
+  constexpr int64_t L = csr::Simd<acc_t, VB>::kLanes;
+  if constexpr (VB >= 32) {
+    if (width < L) return csr::dense_rows_to_panel<VB / 2, 1>(w, K, P, bias, act, param, Q, r0, r1);
+  }
+  switch (width / L) {
     case 1: return csr::dense_rows_to_panel<VB, 1>(w, K, P, bias, act, param, Q, r0, r1);
     case 2: return csr::dense_rows_to_panel<VB, 2>(w, K, P, bias, act, param, Q, r0, r1);
     case 3: return csr::dense_rows_to_panel<VB, 3>(w, K, P, bias, act, param, Q, r0, r1);
@@ -199,24 +209,24 @@ SPARSEVD_INLINE void dense_panel(int nv, const scalar_t* w, int64_t K, const acc
     csr::act_inplace<VB>(v, n, act, p);                                                       \
   }                                                                                           \
   template <typename scalar_t>                                                                \
-  ATTR bool spmm_##SUFFIX(int nv, const int32_t* crow, const int32_t* col,                    \
+  ATTR bool spmm_##SUFFIX(int64_t width, const int32_t* crow, const int32_t* col,                    \
                           const scalar_t* val, uint32_t nnz, const acc_type<scalar_t>* P,     \
                           uint32_t K, const scalar_t* bias, int64_t act,                      \
                           acc_type<scalar_t> param, acc_type<scalar_t>* Q, int64_t r0,        \
                           int64_t r1, BadIndex& bad) {                                        \
-    return spmm_panel<VB>(nv, crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);   \
+    return spmm_panel<VB>(width, crow, col, val, nnz, P, K, bias, act, param, Q, r0, r1, bad);   \
   }                                                                                           \
   template <typename scalar_t>                                                                \
-  ATTR void dense_##SUFFIX(int nv, const scalar_t* w, int64_t K,                              \
+  ATTR void dense_##SUFFIX(int64_t width, const scalar_t* w, int64_t K,                              \
                            const acc_type<scalar_t>* P, const scalar_t* bias, int64_t act,    \
                            acc_type<scalar_t> param, acc_type<scalar_t>* Q, int64_t r0,       \
                            int64_t r1) {                                                      \
-    dense_panel<VB>(nv, w, K, P, bias, act, param, Q, r0, r1);                                \
+    dense_panel<VB>(width, w, K, P, bias, act, param, Q, r0, r1);                                \
   }                                                                                           \
   template <typename scalar_t>                                                                \
   ATTR void pack_##SUFFIX(const scalar_t* x, int64_t sm, int64_t sk, int64_t m0,              \
                           int64_t valid, int64_t K, int64_t W, acc_type<scalar_t>* P) {       \
-    csr::pack_panel(x, sm, sk, m0, valid, K, W, P);                                           \
+    csr::pack_panel<VB>(x, sm, sk, m0, valid, K, W, P);                                       \
   }                                                                                           \
   template <typename scalar_t>                                                                \
   ATTR void unpack_##SUFFIX(const acc_type<scalar_t>* P, int64_t W, int64_t N, int64_t m0,    \
@@ -246,20 +256,21 @@ struct Kernels {
   void (*dense_gemv)(const scalar_t*, int64_t, const acc_t*, const scalar_t*, acc_t*, int64_t,
                      int64_t);
   void (*act)(acc_t*, int64_t, int64_t, acc_t);
-  bool (*spmm)(int, const int32_t*, const int32_t*, const scalar_t*, uint32_t, const acc_t*,
+  bool (*spmm)(int64_t, const int32_t*, const int32_t*, const scalar_t*, uint32_t, const acc_t*,
                uint32_t, const scalar_t*, int64_t, acc_t, acc_t*, int64_t, int64_t, BadIndex&);
-  void (*dense)(int, const scalar_t*, int64_t, const acc_t*, const scalar_t*, int64_t, acc_t,
+  void (*dense)(int64_t, const scalar_t*, int64_t, const acc_t*, const scalar_t*, int64_t, acc_t,
                 acc_t*, int64_t, int64_t);
   void (*pack)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*);
   void (*unpack)(const acc_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*);
   int64_t lanes;  // acc_t values per SIMD vector
+  bool half;      // half-vector panels exist
 };
 
 #define SPARSEVD_KERNELS(SUFFIX, BYTES)                                                      \
   Kernels<scalar_t> {                                                                       \
     &gemv_##SUFFIX<scalar_t>, &dense_gemv_##SUFFIX<scalar_t>, &act_##SUFFIX<acc_t>,         \
         &spmm_##SUFFIX<scalar_t>, &dense_##SUFFIX<scalar_t>, &pack_##SUFFIX<scalar_t>,      \
-        &unpack_##SUFFIX<scalar_t>, BYTES / static_cast<int64_t>(sizeof(acc_t))             \
+        &unpack_##SUFFIX<scalar_t>, BYTES / static_cast<int64_t>(sizeof(acc_t)), BYTES >= 32 \
   }
 
 template <typename scalar_t>
@@ -270,7 +281,9 @@ const Kernels<scalar_t>& kernels() {
 #if SPARSEVD_X86
       case vm::Isa::kAvx512: {
         auto k = SPARSEVD_KERNELS(avx512, 64);
-        if constexpr (std::is_same_v<scalar_t, float>) k.gemv = &gemv_f32_avx512;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (csr::use_gathers()) k.gemv = &gemv_f32_avx512;
+        }
         return k;
       }
       case vm::Isa::kAvx2: return SPARSEVD_KERNELS(avx2, 32);
@@ -294,9 +307,17 @@ BadIndex chain_gemv(const at::Tensor& x, const std::vector<ChainLayer>& layers, 
   const auto& k = kernels<scalar_t>();
   int64_t widest = x.size(1);
   for (const auto& l : layers) widest = std::max(widest, l.N);
-  at::Tensor scratch =
-      at::empty({2 * widest}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* buf[2] = {scratch.mutable_data_ptr<acc_t>(), scratch.mutable_data_ptr<acc_t>() + widest};
+  // Small chains keep their two buffers on the stack (an allocation costs as much as a
+  // small layer).
+  constexpr int64_t kStackBytes = 16 << 10;
+  alignas(64) char stack[kStackBytes];
+  at::Tensor scratch;
+  acc_t* base = reinterpret_cast<acc_t*>(stack);
+  if (2 * widest * int64_t(sizeof(acc_t)) > kStackBytes) {
+    scratch = at::empty({2 * widest}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    base = scratch.mutable_data_ptr<acc_t>();
+  }
+  acc_t* buf[2] = {base, base + widest};
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   const int64_t sx = x.stride(1);
   const acc_t* in;
@@ -348,8 +369,8 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   int64_t vectors = 4;
   while (vectors > 1 && pair * vectors * k.lanes * int64_t(sizeof(acc_t)) > csr::kPanelBytes)
     vectors /= 2;
-  const int64_t width = vectors * k.lanes;
-  const int64_t blocks = (M + width - 1) / width;
+  const csr::Blocks blocks(M, k.lanes, vectors, k.half);
+  const int64_t width = blocks.width;
   work *= M;
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
@@ -357,9 +378,8 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
 
   // The chain for block b with the two panels A and B (each widest × width).
   auto run_block = [&](int64_t b, acc_t* A, acc_t* B) -> BadIndex {
-    const int64_t m0 = b * width, valid = std::min(width, M - m0);
-    const int nv = static_cast<int>((valid + k.lanes - 1) / k.lanes);
-    const int64_t pw = nv * k.lanes;  // this block's panel width
+    const int64_t m0 = blocks.m0(b), valid = blocks.valid(b);
+    const int64_t pw = blocks.panel_width(b);
     k.pack(x_p, x.stride(0), x.stride(1), m0, valid, K0, pw, A);
     acc_t* in = A;
     acc_t* out = B;
@@ -373,7 +393,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
         const int32_t* col = l.col.const_data_ptr<int32_t>();
         BadIndex bad = csr::for_rows_balanced(
             crow, l.N, (l.nnz + l.N) * pw, [&](int64_t r0, int64_t r1, BadIndex& e) {
-              k.spmm(nv, crow, col, w, static_cast<uint32_t>(l.nnz), in, csr::col_limit(l.K),
+              k.spmm(pw, crow, col, w, static_cast<uint32_t>(l.nnz), in, csr::col_limit(l.K),
                      bias, l.act, param, out, r0, r1, e);
             });
         if (!bad.ok()) {
@@ -383,7 +403,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
       } else {
         at::parallel_for(0, l.N, std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
                          [&](int64_t r0, int64_t r1) {
-                           k.dense(nv, w, l.K, in, bias, l.act, param, out, r0, r1);
+                           k.dense(pw, w, l.K, in, bias, l.act, param, out, r0, r1);
                          });
       }
       std::swap(in, out);
@@ -393,10 +413,10 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   };
 
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && work >= csr::kSerialWork && !at::in_parallel_region() && blocks >= threads &&
-      (blocks % threads == 0 || blocks >= 4 * threads)) {
-    std::vector<BadIndex> bad(blocks);
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  if (threads > 1 && work >= csr::kSerialWork && !at::in_parallel_region() &&
+      blocks.count >= threads && (blocks.count % threads == 0 || blocks.count >= 4 * threads)) {
+    std::vector<BadIndex> bad(blocks.count);
+    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor scratch = at::empty({2 * widest * width}, acc_options);
       acc_t* A = scratch.mutable_data_ptr<acc_t>();
       for (int64_t b = b0; b < b1; ++b) {
@@ -408,7 +428,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   }
   at::Tensor scratch = at::empty({2 * widest * width}, acc_options);
   acc_t* A = scratch.mutable_data_ptr<acc_t>();
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < blocks.count; ++b) {
     BadIndex bad = run_block(b, A, A + widest * width);
     if (!bad.ok()) return bad;
   }
