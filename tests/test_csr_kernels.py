@@ -372,6 +372,14 @@ _BOUNDS_SCRIPT = textwrap.dedent(
         ("crow negative", [0, -2, 3, 5, 7], col, RuntimeError, r"crow_indices\[0\] = 0 and crow_indices\[1\] = -2 \(row 0\)"),
         ("crow[0] != 0", [1, 2, 3, 5, 7], col, RuntimeError, r"crow_indices must start at 0 and end at nnz = 7, got 1 and 7"),
     ]
+    def expect(kind, message, *args):
+        try:
+            torch.ops.sparsevd.csr_linear(*args)
+        except kind as e:
+            assert re.search(message, str(e)), str(e)
+        else:
+            raise AssertionError(f"no error, expected {message}")
+
     torch.set_num_threads(int(sys.argv[1]))
     ran = 0
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -380,13 +388,8 @@ _BOUNDS_SCRIPT = textwrap.dedent(
                 x = torch.randn(m, K).to(dtype)
                 values = torch.randn(len(co)).to(dtype)
                 for bias in (None, torch.randn(4).to(dtype)):
-                    try:
-                        torch.ops.sparsevd.csr_linear(x, torch.tensor(cr, dtype=torch.int32),
-                                                      torch.tensor(co, dtype=torch.int32), values, bias)
-                    except kind as e:
-                        assert re.search(message, str(e)), (name, str(e))
-                    else:
-                        raise AssertionError(f"{name}: no error for {dtype}, m={m}")
+                    expect(kind, message, x, torch.tensor(cr, dtype=torch.int32), torch.tensor(co, dtype=torch.int32),
+                           values, bias)
                     ran += 1
     # a large structure, bad far from the start: the thread that meets it reports it
     n, k = 4000, 3000  # enough work for every threaded path
@@ -396,19 +399,9 @@ _BOUNDS_SCRIPT = textwrap.dedent(
     for m in (1, 5, 300):
         x = torch.randn(m, k)
         bad = col.clone(); bad[8 * 3500 + 3] = k
-        try:
-            torch.ops.sparsevd.csr_linear(x, crow, bad, values, None)
-        except IndexError as e:
-            assert "col_indices[28003] = 3000 (row 3500)" in str(e), str(e)
-        else:
-            raise AssertionError("no error")
+        expect(IndexError, r"col_indices\[28003\] = 3000 \(row 3500\)", x, crow, bad, values, None)
         bad = crow.clone(); bad[3700] = 8 * n + 5
-        try:
-            torch.ops.sparsevd.csr_linear(x, bad, col, values, None)
-        except RuntimeError as e:
-            assert "(row 3699)" in str(e), str(e)
-        else:
-            raise AssertionError("no error")
+        expect(RuntimeError, r"\(row 3699\)", x, bad, col, values, None)
         ran += 2
     print("ok", ran)
     """

@@ -539,7 +539,7 @@ SPARSEVD_INLINE void unpack_panel(const acc_t* __restrict P, int64_t W, int64_t 
 // meaningless). Narrow panels (NV < 4) run 4/NV independent chains so the FMA latency
 // is hidden as with 4 accumulators.
 template <int VB, int NV, typename scalar_t, typename acc_t>
-SPARSEVD_INLINE int64_t spmm_row(const int32_t* __restrict col, const scalar_t* __restrict val,
+SPARSEVD_INLINE int64_t spmm_sum(const int32_t* __restrict col, const scalar_t* __restrict val,
                                  const acc_t* __restrict P, uint32_t K, int64_t start,
                                  int64_t end, typename Simd<acc_t, VB>::V (&acc)[NV]) {
   using V = typename Simd<acc_t, VB>::V;
@@ -582,6 +582,23 @@ SPARSEVD_INLINE int64_t spmm_row(const int32_t* __restrict col, const scalar_t* 
   return -1;
 }
 
+// acc for row r against panel P, its range and column indices checked: false (and the
+// first bad index in `bad`) if one is invalid.
+template <int VB, int NV, typename scalar_t, typename acc_t>
+SPARSEVD_INLINE bool spmm_row(const int32_t* __restrict crow, const int32_t* __restrict col,
+                              const scalar_t* __restrict val, uint32_t nnz,
+                              const acc_t* __restrict P, uint32_t K, int64_t r,
+                              typename Simd<acc_t, VB>::V (&acc)[NV], BadIndex& bad) {
+  int64_t start, end;
+  if (!row_range(crow, r, nnz, start, end, bad)) return false;
+  const int64_t at = spmm_sum<VB, NV>(col, val, P, K, start, end, acc);
+  if (__builtin_expect(at >= 0, 0)) {
+    bad_column(bad, r, at, col[at]);
+    return false;
+  }
+  return true;
+}
+
 // Rows [r0, r1) of a CSR matrix against panel P [K][NV·L], written as runs of kRowTile
 // contiguous outputs per batch row into y[m0 + i, r] (y [*, N]): a row of W is a column
 // of y, and writing it directly would touch a cache line per output.
@@ -600,14 +617,8 @@ SPARSEVD_INLINE bool spmm_rows_to_y(const int32_t* __restrict crow, const int32_
   for (int64_t rb = r0; rb < r1; rb += kRowTile) {
     const int64_t re = std::min<int64_t>(rb + kRowTile, r1);
     for (int64_t r = rb; r < re; ++r) {
-      int64_t start, end;
-      if (!row_range(crow, r, nnz, start, end, bad)) return false;
       V acc[NV];
-      const int64_t at = spmm_row<VB, NV>(col, val, P, K, start, end, acc);
-      if (__builtin_expect(at >= 0, 0)) {
-        bad_column(bad, r, at, col[at]);
-        return false;
-      }
+      if (!spmm_row<VB, NV>(crow, col, val, nnz, P, K, r, acc, bad)) return false;
       const acc_t b = bias != nullptr ? to_acc<acc_t>(bias[r]) : acc_t(0);
       alignas(64) acc_t out[NV * L];
 #pragma GCC unroll 8
@@ -635,14 +646,8 @@ SPARSEVD_INLINE bool spmm_rows_to_panel(const int32_t* __restrict crow,
   using V = typename Simd<acc_t, VB>::V;
   constexpr int L = Simd<acc_t, VB>::kLanes;
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t start, end;
-    if (!row_range(crow, r, nnz, start, end, bad)) return false;
     V acc[NV];
-    const int64_t at = spmm_row<VB, NV>(col, val, P, K, start, end, acc);
-    if (__builtin_expect(at >= 0, 0)) {
-      bad_column(bad, r, at, col[at]);
-      return false;
-    }
+    if (!spmm_row<VB, NV>(crow, col, val, nnz, P, K, r, acc, bad)) return false;
     const acc_t b = bias != nullptr ? to_acc<acc_t>(bias[r]) : acc_t(0);
     acc_t* __restrict q = Q + r * (NV * L);
 #pragma GCC unroll 8
