@@ -118,6 +118,23 @@ def test_wide_layers(dtype, k):
     check(x, *layers, [8, 9, 6], [0.0] * 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("m", [1, 70])
+def test_large_dense_layer(dtype, m):
+    """A dense layer of over 2^20 weights runs as ATen's GEMM on the panels."""
+    layers = make_layers([64, 1100, 1000, 9], ["csr", "dense", "csr"], dtype, "cpu", density=0.2)
+    x = torch.randn(m, 64).to(dtype)
+    check(x, *layers, [1, 9, 0], [0.0] * 3)
+    if m > 1:
+        with torch.profiler.profile() as prof:
+            chain(x, *layers, [1, 9, 0], [0.0] * 3)
+        assert any(e.name == "aten::mm" for e in prof.events())
+        small = make_layers([64, 100, 9], ["dense", "csr"], dtype, "cpu")
+        with torch.profiler.profile() as prof:
+            chain(x, *small, [1, 0], [0.0] * 2)
+        assert not any(e.name == "aten::mm" for e in prof.events())  # the micro-kernel
+
+
 @pytest.mark.parametrize("m", [1, 40, 130, 256, 600])
 def test_threads_give_the_same_bits(threads, m):
     layers = make_layers([1031, 515, 300, 10], ["csr", "dense", "csr"], torch.float32, "cpu", density=0.1)

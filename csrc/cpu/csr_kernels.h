@@ -725,6 +725,20 @@ SPARSEVD_INLINE void dense_rows_to_panel(const scalar_t* __restrict w, int64_t K
   }
 }
 
+// Q[r][:] = act(Q[r][:] + b_r) for rows [r0, r1) of a panel of width W (after a GEMM).
+template <int VB, typename scalar_t, typename acc_t>
+SPARSEVD_INLINE void bias_act_rows(acc_t* __restrict Q, int64_t W, const scalar_t* __restrict bias,
+                                   int64_t act, acc_t param, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    acc_t* __restrict q = Q + r * W;
+    if (bias != nullptr) {
+      const acc_t b = to_acc<acc_t>(bias[r]);
+      for (int64_t i = 0; i < W; ++i) q[i] += b;
+    }
+    act_inplace<VB>(q, W, act, param);
+  }
+}
+
 // ---- threads -----------------------------------------------------------------------------
 
 // Row boundaries of at most `parts` contiguous ranges of about equal work,

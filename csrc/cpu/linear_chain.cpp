@@ -12,7 +12,9 @@
 //     W is the widest of 1..4 SIMD vectors whose two largest consecutive panels fit
 //     in csr_kernels.h's panel budget. CSR layers run the SpMM of csr_linear; dense
 //     layers a register-blocked GEMM micro-kernel on the panel (one ATen matmul per
-//     block would cost more in call overhead than these small layers take).
+//     block would cost more in call overhead than these small layers take), or ATen's
+//     GEMM on the panel from 2^20 weights on (then the weight no longer stays in cache
+//     from one block to the next, and MKL's blocking pays).
 // Threads: blocks are shared out when there are enough of them (each thread its own
 // panels); otherwise every layer splits its rows (balanced by non-zeros for CSR).
 // Bounds are checked as in csr_linear: a bad index raises, naming the layer.
@@ -26,6 +28,8 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -224,6 +228,11 @@ SPARSEVD_INLINE void dense_panel(int64_t width, const scalar_t* w, int64_t K, co
     dense_panel<VB>(width, w, K, P, bias, act, param, Q, r0, r1);                                \
   }                                                                                           \
   template <typename scalar_t>                                                                \
+  ATTR void bias_act_##SUFFIX(acc_type<scalar_t>* Q, int64_t W, const scalar_t* bias,         \
+                              int64_t act, acc_type<scalar_t> param, int64_t r0, int64_t r1) { \
+    csr::bias_act_rows<VB>(Q, W, bias, act, param, r0, r1);                                   \
+  }                                                                                           \
+  template <typename scalar_t>                                                                \
   ATTR void pack_##SUFFIX(const scalar_t* x, int64_t sm, int64_t sk, int64_t m0,              \
                           int64_t valid, int64_t K, int64_t W, acc_type<scalar_t>* P) {       \
     csr::pack_panel<VB>(x, sm, sk, m0, valid, K, W, P);                                       \
@@ -260,6 +269,7 @@ struct Kernels {
                uint32_t, const scalar_t*, int64_t, acc_t, acc_t*, int64_t, int64_t, BadIndex&);
   void (*dense)(int64_t, const scalar_t*, int64_t, const acc_t*, const scalar_t*, int64_t, acc_t,
                 acc_t*, int64_t, int64_t);
+  void (*bias_act)(acc_t*, int64_t, const scalar_t*, int64_t, acc_t, int64_t, int64_t);
   void (*pack)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*);
   void (*unpack)(const acc_t*, int64_t, int64_t, int64_t, int64_t, scalar_t*);
   int64_t lanes;  // acc_t values per SIMD vector
@@ -269,7 +279,8 @@ struct Kernels {
 #define SPARSEVD_KERNELS(SUFFIX, BYTES)                                                      \
   Kernels<scalar_t> {                                                                       \
     &gemv_##SUFFIX<scalar_t>, &dense_gemv_##SUFFIX<scalar_t>, &act_##SUFFIX<acc_t>,         \
-        &spmm_##SUFFIX<scalar_t>, &dense_##SUFFIX<scalar_t>, &pack_##SUFFIX<scalar_t>,      \
+        &spmm_##SUFFIX<scalar_t>, &dense_##SUFFIX<scalar_t>, &bias_act_##SUFFIX<scalar_t>,  \
+        &pack_##SUFFIX<scalar_t>,                                                           \
         &unpack_##SUFFIX<scalar_t>, BYTES / static_cast<int64_t>(sizeof(acc_t)), BYTES >= 32 \
   }
 
@@ -354,6 +365,9 @@ BadIndex chain_gemv(const at::Tensor& x, const std::vector<ChainLayer>& layers, 
   return BadIndex{};
 }
 
+// Dense layers from this many weights on use ATen's GEMM (chain_panels).
+constexpr int64_t kAtenDenseWeights = int64_t(1) << 20;
+
 // M > 1: batch blocks through the whole chain in panels.
 template <typename scalar_t>
 BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers, at::Tensor& y) {
@@ -375,6 +389,12 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
   scalar_t* y_p = y.mutable_data_ptr<scalar_t>();
+  // Large dense layers go to ATen's GEMM on each block's panel: the micro-kernel would
+  // stream their weight from memory once per block. Their weight in acc_t, made once.
+  std::vector<at::Tensor> gemm_weight(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i)
+    if (!layers[i].sparse && layers[i].N * layers[i].K >= kAtenDenseWeights)
+      gemm_weight[i] = layers[i].weight.to(acc_options.dtype());
 
   // The chain for block b with the two panels A and B (each widest × width).
   auto run_block = [&](int64_t b, acc_t* A, acc_t* B) -> BadIndex {
@@ -400,6 +420,10 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
           bad.layer = static_cast<int64_t>(i);
           return bad;
         }
+      } else if (gemm_weight[i].defined()) {
+        at::Tensor Q = at::from_blob(out, {l.N, pw}, acc_options);
+        at::mm_out(Q, gemm_weight[i], at::from_blob(in, {l.K, pw}, acc_options));
+        k.bias_act(out, pw, bias, l.act, param, 0, l.N);
       } else {
         at::parallel_for(0, l.N, std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
                          [&](int64_t r0, int64_t r1) {
