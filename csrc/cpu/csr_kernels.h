@@ -435,6 +435,14 @@ struct Blocks {
     const int64_t v = valid(b);
     return half && 2 * v <= lanes ? lanes / 2 : (v + lanes - 1) / lanes * lanes;
   }
+  // Whether `work` multiply-adds are shared out among threads by whole blocks (each
+  // thread packs its own, nothing is shared): when there are enough blocks to balance.
+  // Otherwise the rows are split (or the call stays on this thread).
+  bool split_blocks(int64_t work) const {
+    const int64_t threads = at::get_num_threads();
+    return threads > 1 && work >= kSerialWork && !at::in_parallel_region() && count >= threads &&
+           (count % threads == 0 || count >= 4 * threads);
+  }
 };
 
 #if SPARSEVD_X86

@@ -40,7 +40,6 @@
 
 #include "csr_kernels.h"
 
-
 #if !defined(_OPENMP)
 #pragma message("sparsevd csr_linear.cpp: compiled without -fopenmp, so at::parallel_for runs on one thread; build with -fopenmp (cxx and link flags), as PyTorch's own CPU kernels are")
 #endif
@@ -180,7 +179,6 @@ SPARSEVD_DEFINE_ISA(portable, 16, )
 #if SPARSEVD_X86
 SPARSEVD_DEFINE_ISA(avx2, 32, SPARSEVD_TARGET_AVX2)
 SPARSEVD_DEFINE_ISA(avx512, 64, SPARSEVD_TARGET_AVX512)
-
 #endif
 #undef SPARSEVD_DEFINE_ISA
 
@@ -248,17 +246,14 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
   const int64_t panel = K * blocks.width;
   const int64_t sm = x.stride(0), sk = x.stride(1);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t threads = at::get_num_threads();
   const int64_t work = (nnz + N) * M;
-  const bool parallel = threads > 1 && work >= csr::kSerialWork && !at::in_parallel_region();
 
   auto run_block = [&](int64_t b, const acc_t* P, int64_t r0, int64_t r1, BadIndex& bad) {
     return k.spmm(blocks.panel_width(b), crow_p, col_p, val_p, unnz, P, ucols, bias_p, blocks.m0(b),
                   blocks.valid(b), N, y_p, r0, r1, bad);
   };
 
-  if (parallel && blocks.count >= threads &&
-      (blocks.count % threads == 0 || blocks.count >= 4 * threads)) {
+  if (blocks.split_blocks(work)) {
     // Each thread packs and sweeps its own batch blocks.
     std::vector<BadIndex> bad(blocks.count);
     at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
@@ -271,7 +266,7 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
     });
     return csr::first_bad(bad);
   }
-  if (parallel) {
+  if (at::get_num_threads() > 1 && work >= csr::kSerialWork && !at::in_parallel_region()) {
     // Too few blocks to share out: pack them all, then split the rows.
     at::Tensor scratch = at::empty({blocks.count * panel}, acc_options);
     acc_t* P = scratch.mutable_data_ptr<acc_t>();

@@ -436,9 +436,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
     return BadIndex{};
   };
 
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1 && work >= csr::kSerialWork && !at::in_parallel_region() &&
-      blocks.count >= threads && (blocks.count % threads == 0 || blocks.count >= 4 * threads)) {
+  if (blocks.split_blocks(work)) {
     std::vector<BadIndex> bad(blocks.count);
     at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
       at::Tensor scratch = at::empty({2 * widest * width}, acc_options);
