@@ -243,7 +243,7 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
   int64_t vectors = kMaxVectors;
   while (vectors > 1 && K * vectors * k.lanes * int64_t(sizeof(acc_t)) > csr::kPanelBytes) vectors /= 2;
   const csr::Blocks blocks(M, k.lanes, vectors, k.half);
-  const int64_t panel = K * blocks.width;
+  const int64_t panel = K * blocks.panel_width(0);  // block 0 is the widest
   const int64_t sm = x.stride(0), sk = x.stride(1);
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const int64_t work = (nnz + N) * M;

@@ -384,7 +384,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   while (vectors > 1 && pair * vectors * k.lanes * int64_t(sizeof(acc_t)) > csr::kPanelBytes)
     vectors /= 2;
   const csr::Blocks blocks(M, k.lanes, vectors, k.half);
-  const int64_t width = blocks.width;
+  const int64_t panel = widest * blocks.panel_width(0);  // block 0 is the widest
   work *= M;
   const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const scalar_t* x_p = x.const_data_ptr<scalar_t>();
@@ -396,7 +396,7 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
     if (!layers[i].sparse && layers[i].N * layers[i].K >= kAtenDenseWeights)
       gemm_weight[i] = layers[i].weight.to(acc_options.dtype());
 
-  // The chain for block b with the two panels A and B (each widest × width).
+  // The chain for block b with the two panels A and B (each widest × its width).
   auto run_block = [&](int64_t b, acc_t* A, acc_t* B) -> BadIndex {
     const int64_t m0 = blocks.m0(b), valid = blocks.valid(b);
     const int64_t pw = blocks.panel_width(b);
@@ -439,19 +439,19 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
   if (blocks.split_blocks(work)) {
     std::vector<BadIndex> bad(blocks.count);
     at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({2 * widest * width}, acc_options);
+      at::Tensor scratch = at::empty({2 * panel}, acc_options);
       acc_t* A = scratch.mutable_data_ptr<acc_t>();
       for (int64_t b = b0; b < b1; ++b) {
-        bad[b] = run_block(b, A, A + widest * width);
+        bad[b] = run_block(b, A, A + panel);
         if (!bad[b].ok()) return;
       }
     });
     return csr::first_bad(bad);
   }
-  at::Tensor scratch = at::empty({2 * widest * width}, acc_options);
+  at::Tensor scratch = at::empty({2 * panel}, acc_options);
   acc_t* A = scratch.mutable_data_ptr<acc_t>();
   for (int64_t b = 0; b < blocks.count; ++b) {
-    BadIndex bad = run_block(b, A, A + widest * width);
+    BadIndex bad = run_block(b, A, A + panel);
     if (!bad.ok()) return bad;
   }
   return BadIndex{};
