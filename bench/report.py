@@ -36,7 +36,8 @@ def table(group, benches):
         info, t = b["extra_info"], per_call_seconds(b)
         ratio = f"{t / ours:.2f}" if ours else "–"
         if info.get("flops"):
-            rate = f"{info['flops'] / t / 1e12:.1f} TFLOP/s"
+            tflops = info["flops"] / t / 1e12
+            rate = f"{tflops:.1f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
         elif info.get("bytes"):
             rate = f"{info['bytes'] / t / 1e9:.0f} GB/s"
         else:

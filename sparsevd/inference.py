@@ -10,7 +10,8 @@ with that shape, so a call costs one graph launch instead of a launch per kernel
 
 It is an ``nn.Sequential`` with the same children, indices and state dict; it runs them
 one by one where fusing would change what they compute (training mode, or autograd
-through the input).
+through the input or a parameter that requires grad; :func:`~sparsevd.sparsify` returns
+parameters that do not).
 """
 
 from __future__ import annotations
@@ -129,11 +130,14 @@ class FusedSequential(nn.Sequential):
         return self._plan[1]
 
     def forward(self, input):
-        if self.training or (torch.is_grad_enabled() and input.requires_grad):
+        if self.training or (torch.is_grad_enabled() and (input.requires_grad or self._trainable())):
             return super().forward(input)
         if self.cuda_graphs and input.is_cuda and not torch.compiler.is_compiling():
             return self._replay(input)
         return self._run(input)
+
+    def _trainable(self):
+        return any(p.requires_grad for p in self.parameters())
 
     def _run(self, x):
         for step in self._steps():

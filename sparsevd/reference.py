@@ -144,32 +144,37 @@ def csr_linear(x, crow_indices, col_indices, values, bias=None):
     return torch.nn.functional.linear(x, dense, bias)
 
 
-#: The elementwise activations a linear chain applies after a layer, by code, as functions
-#: of (x, parameter): the codes of the ``linear_chain`` op.
-ACTIVATIONS = {
-    0: ("identity", lambda x, p: x),
-    1: ("relu", lambda x, p: torch.relu(x)),
-    2: ("leaky_relu", lambda x, p: torch.nn.functional.leaky_relu(x, p)),
-    3: ("relu6", lambda x, p: torch.nn.functional.relu6(x)),
-    4: ("elu", lambda x, p: torch.nn.functional.elu(x, p)),
-    5: ("tanh", lambda x, p: torch.tanh(x)),
-    6: ("sigmoid", lambda x, p: torch.sigmoid(x)),
-    7: ("gelu", lambda x, p: torch.nn.functional.gelu(x)),
-    8: ("gelu_tanh", lambda x, p: torch.nn.functional.gelu(x, approximate="tanh")),
-    9: ("silu", lambda x, p: torch.nn.functional.silu(x)),
-}
+#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index).
+#: The C++ kernels' ``Act`` enum (csrc/cpu/csr_kernels.h) lists them in this order.
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
 
 
-def linear_chain(x, layers):
-    """A chain of linear layers with activations: for each (weight, bias, code, parameter)
-    in ``layers``, x = activation(x Wᵀ + b), with W dense or a CSR triple
-    (crow_indices, col_indices, values)."""
-    for weight, bias, code, parameter in layers:
-        if isinstance(weight, tuple):
-            x = csr_linear(x, *weight, bias)
-        else:
-            x = torch.nn.functional.linear(x, weight, bias)
-        x = ACTIVATIONS[code][1](x, parameter)
+def activation(x, code, param=0.0):
+    """Activation ``ACTIVATIONS[code]`` as torch's nn modules compute it; ``param`` is
+    leaky_relu's negative slope or elu's alpha (ignored by the others)."""
+    F = torch.nn.functional
+    name = ACTIVATIONS[code]
+    if name == "identity":
+        return x
+    if name == "leaky_relu":
+        return F.leaky_relu(x, param)
+    if name == "elu":
+        return F.elu(x, param)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return {"relu": F.relu, "relu6": F.relu6, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu}[name](x)
+
+
+def linear_chain(x, weights, crow_indices, col_indices, biases, activations, activation_params):
+    """A chain of linear layers with an activation after each: for layer i,
+    x = activation(x Wᵢᵀ + bᵢ, activations[i], activation_params[i]). Wᵢ is dense
+    (``weights[i]`` [Nᵢ, Kᵢ]) when ``crow_indices[i]`` is None, else CSR with values
+    ``weights[i]``; ``biases[i]`` may be None."""
+    for w, crow, col, b, code, param in zip(weights, crow_indices, col_indices, biases, activations, activation_params):
+        x = torch.nn.functional.linear(x, w, b) if crow is None else csr_linear(x, crow, col, w, b)
+        x = activation(x, code, param)
     return x
 
 

@@ -403,8 +403,6 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     cost_model = cost_model or CostModel()
     inference = copy.deepcopy(model).eval()
-    for p in inference.parameters():
-        p.requires_grad_(False)
     _replace_sparsevd(inference)
     _fold_sbp(inference)
     positions = {} if input_shape is None else output_positions(inference, input_shape, _CONVS)
@@ -417,4 +415,6 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
             del m.sparsevd_origin
         if hasattr(m, "_sbp_folded"):
             del m._sbp_folded
+    for p in inference.parameters():  # the layers built above too: an inference copy trains nothing
+        p.requires_grad_(False)
     return _fuse_sequentials(inference).eval()

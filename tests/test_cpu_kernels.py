@@ -1,4 +1,5 @@
-"""The C++ CPU kernels (csrc/cpu/kl_divergence.cpp, lrt_linear.cpp) against the reference:
+"""The C++ CPU kernels (csrc/cpu/kl_divergence.cpp, lrt_linear.cpp; csr_linear.cpp and
+linear_chain.cpp on every instruction set, the rest in their own test files) against the reference:
 values and gradients per dtype, odd / tiny / empty / non-contiguous shapes, 1 and 2
 threads, NaN propagation, every instruction-set path, and the bit-exact noise."""
 
@@ -435,6 +436,45 @@ _ISA_SCRIPT = textwrap.dedent(
         g = torch.randn_like(y)
         for a, e in zip(torch.autograd.grad(y, (x, w, s), g), torch.autograd.grad(ref, (x, w, s), g)):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+    # csr_linear and linear_chain: the GEMV, panels of every width, the bounds checks
+    atol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+    def rule(out, ref64, same, dtype):
+        err = (out.double() - ref64).abs().max().item()
+        base = (same.double() - ref64).abs().max().item()
+        assert err <= 2 * base + atol[dtype], (err, base, dtype)
+    for m, n, k in [(1, 37, 45), (1, 300, 784), (3, 37, 45), (17, 37, 45), (70, 300, 784)]:
+        dense = torch.randn(n, k, dtype=torch.float64) * (torch.rand(n, k) < 0.1)
+        c = dense.to_sparse_csr()
+        crow, col = c.crow_indices().int(), c.col_indices().int()
+        d2 = torch.randn(11, n, dtype=torch.float64)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            x = torch.randn(m, k).to(dtype); b = torch.randn(n).to(dtype); v = c.values().to(dtype)
+            out = ops.csr_linear(x, crow, col, v, b)
+            rule(out, reference.csr_linear(x.double(), crow, col, v.double(), b.double()),
+                 reference.csr_linear(x, crow, col, v, b), dtype)
+            args = ([v, d2.to(dtype)], [crow, None], [col, None], [b, None], [7, 5], [0.0, 0.0])
+            rule(ops.linear_chain(x, *args),
+                 reference.linear_chain(x.double(), [v.double(), d2], *args[1:3], [b.double(), None], *args[4:]),
+                 reference.linear_chain(x, *args), dtype)
+            bad = col.clone(); bad[-1] = k
+            for fn in (lambda: ops.csr_linear(x, crow, bad, v, b),
+                       lambda: ops.linear_chain(x, [v], [crow], [bad], [b], [0], [0.0])):
+                try:
+                    fn()
+                except IndexError:
+                    pass
+                else:
+                    raise AssertionError("no IndexError")
+    # a bad index inside the first 32 non-zeros of a long row (the GEMV's unmasked steps)
+    crow = torch.tensor([0, 100], dtype=torch.int32)
+    for at, value in ((5, 300), (40, -1)):
+        col = torch.arange(100, dtype=torch.int32); col[at] = value
+        try:
+            ops.csr_linear(torch.randn(1, 200), crow, col, torch.randn(100), None)
+        except IndexError as e:
+            assert f"col_indices[{at}] = {value}" in str(e), str(e)
+        else:
+            raise AssertionError("no IndexError")
     print("ok", worst)
     """
 )
@@ -449,6 +489,18 @@ def test_every_instruction_set_path(capability):
         # forcing a wider set than the CPU has makes torch's own kernels die of SIGILL
         pytest.skip(f"this CPU's widest instruction set is {widest}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("gathers", ["0", "1"])
+def test_csr_gemv_with_and_without_gathers(gathers):
+    """The AVX-512 float32 GEMV has a gather form (chosen on Intel) and a scalar-load form
+    (chosen on AMD): SPARSEVD_CSR_GATHER picks one, so both run on either CPU."""
+    if torch.backends.cpu.get_cpu_capability().lower() != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
+    env = dict(os.environ, SPARSEVD_CSR_GATHER=gathers)
     done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")

@@ -7,6 +7,10 @@ in that dtype, i.e. F.linear on the densified weight), plus a small absolute sla
 CUDA cases run where a GPU is present and are skipped otherwise.
 """
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,7 +220,7 @@ def test_bad_input(device):
         ((x, crow.view(1, -1), col, values, b), "crow_indices must be 1-D"),
         ((x.long(), crow, col, values.long(), b.long()), "values must be float32, float16, bfloat16 or float64"),
     ]
-    if device == "cpu":
+    if device == "cpu":  # (test_invalid_structure_raises_and_never_crashes has the rest)
         bad_end = crow.clone()
         bad_end[-1] += 1
         cases.append(((x, bad_end, col, values, b), "crow_indices must start at 0 and end at nnz"))
@@ -301,3 +305,160 @@ def test_row_order_device_mismatch():
     crow, col, values = to_csr(dense, torch.float32, "cuda")
     with pytest.raises(RuntimeError, match="row_order must be on the same device"):
         csr_linear(torch.randn(3, 6, device="cuda"), crow, col, values, None, torch.arange(4, dtype=torch.int32))
+
+
+# ---- panels, threads and instruction sets (CPU) ----------------------------------------------
+
+
+@pytest.fixture
+def threads():
+    """Run a test body under a given torch thread count, restoring it afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "n,k,m",
+    [
+        (37, 45, 15), (37, 45, 31), (37, 45, 32), (37, 45, 33), (37, 45, 63), (37, 45, 64),
+        (37, 45, 65), (37, 45, 127), (37, 45, 129), (37, 45, 257),  # around SIMD and block widths
+        (50, 2000, 70),  # a K that narrows the block so its panel stays in L2
+        (50, 3100, 40),  # narrower still
+    ],
+)
+def test_batch_blocks(dtype, n, k, m):
+    dense = make_weight(n, k, "empty_rows", density=0.1, seed=m)
+    crow, col, values = to_csr(dense, dtype, "cpu")
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    check(x, crow, col, values, b, n)
+    check(x, crow, col, values, None, n)
+
+
+@pytest.mark.parametrize("m", [1, 40, 64, 130, 256, 600])  # rows split, blocks split, both odd
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_threads_give_the_same_bits(threads, m, dtype):
+    # every output is summed in the same order whatever the partition
+    dense = make_weight(515, 1031, "empty_rows", density=0.1, seed=3)
+    crow, col, values = to_csr(dense, dtype, "cpu")
+    x = torch.randn(m, 1031).to(dtype)
+    b = torch.randn(515).to(dtype)
+    threads(1)
+    one = csr_linear(x, crow, col, values, b)
+    threads(2)
+    two = csr_linear(x, crow, col, values, b)
+    assert torch.equal(one, two)
+    check(x, crow, col, values, b, 515)
+
+
+# ---- bounds: no structure crashes the process ------------------------------------------------
+
+# Each case: (description, crow, col, error type, message). W is 4 × 6 with nnz = 7 below.
+_BOUNDS_SCRIPT = textwrap.dedent(
+    r"""
+    import re, sys, torch, sparsevd
+    crow = [0, 2, 3, 5, 7]
+    col = [0, 4, 1, 2, 5, 0, 3]
+    K = 6
+    cases = [
+        ("column 2**30", crow, col[:3] + [2**30] + col[4:], IndexError, r"col_indices\[3\] = 1073741824 \(row 2\) is outside \[0, K = 6\)"),
+        ("column -1", crow, col[:5] + [-1] + col[6:], IndexError, r"col_indices\[5\] = -1 \(row 3\) is outside \[0, K = 6\)"),
+        ("column K", crow, [K] + col[1:], IndexError, r"col_indices\[0\] = 6 \(row 0\) is outside \[0, K = 6\)"),
+        ("crow non-monotone", [0, 3, 1000, 5, 7], col, RuntimeError, r"crow_indices\[1\] = 3 and crow_indices\[2\] = 1000 \(row 1\)"),
+        ("crow beyond nnz", [0, 2, 9, 9, 7], col, RuntimeError, r"non-decreasing within \[0, nnz = 7\], got crow_indices\[1\] = 2 and crow_indices\[2\] = 9"),
+        ("crow negative", [0, -2, 3, 5, 7], col, RuntimeError, r"crow_indices\[0\] = 0 and crow_indices\[1\] = -2 \(row 0\)"),
+        ("crow[0] != 0", [1, 2, 3, 5, 7], col, RuntimeError, r"crow_indices must start at 0 and end at nnz = 7, got 1 and 7"),
+    ]
+    def expect(kind, message, *args):
+        try:
+            torch.ops.sparsevd.csr_linear(*args)
+        except kind as e:
+            assert re.search(message, str(e)), str(e)
+        else:
+            raise AssertionError(f"no error, expected {message}")
+
+    torch.set_num_threads(int(sys.argv[1]))
+    ran = 0
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for m in (1, 3, 70, 300):  # the GEMV, one panel, several panels (split among threads)
+            for name, cr, co, kind, message in cases:
+                x = torch.randn(m, K).to(dtype)
+                values = torch.randn(len(co)).to(dtype)
+                for bias in (None, torch.randn(4).to(dtype)):
+                    expect(kind, message, x, torch.tensor(cr, dtype=torch.int32), torch.tensor(co, dtype=torch.int32),
+                           values, bias)
+                    ran += 1
+    # a large structure, bad far from the start: the thread that meets it reports it
+    n, k = 4000, 3000  # enough work for every threaded path
+    crow = torch.arange(0, 8 * n + 1, 8, dtype=torch.int32)
+    col = (torch.arange(8 * n, dtype=torch.int32) * 37) % k
+    values = torch.randn(8 * n)
+    for m in (1, 5, 300):
+        x = torch.randn(m, k)
+        bad = col.clone(); bad[8 * 3500 + 3] = k
+        expect(IndexError, r"col_indices\[28003\] = 3000 \(row 3500\)", x, crow, bad, values, None)
+        bad = crow.clone(); bad[3700] = 8 * n + 5
+        expect(RuntimeError, r"\(row 3699\)", x, bad, col, values, None)
+        ran += 2
+    print("ok", ran)
+    """
+)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_invalid_structure_raises_and_never_crashes(n_threads):
+    """Bad indices of every kind, every dtype, both code paths: a clear error, and the
+    process survives (a subprocess, so that a crash fails the test instead of the run)."""
+    done = subprocess.run([sys.executable, "-c", _BOUNDS_SCRIPT, str(n_threads)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ok"), done.stdout
+
+
+# ---- autograd (C++, csrc/csr_linear_autograd.cpp) --------------------------------------------
+
+
+def test_cpp_autograd_registered():
+    assert compiled_kernel("AutogradCPU"), torch._C._dispatch_dump("sparsevd::csr_linear")
+    assert compiled_kernel("AutogradCUDA"), torch._C._dispatch_dump("sparsevd::csr_linear")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("wanted", ["all", "x", "values", "bias"])
+def test_gradients_match_reference(device, m, bias, wanted):
+    if wanted == "bias" and not bias:
+        pytest.skip("no bias")
+    dense = make_weight(13, 21, "empty_rows", density=0.4, seed=m)
+    crow, col, values = to_csr(dense, torch.float64, device)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 21, generator=g, dtype=torch.float64).to(device)
+    b = torch.randn(13, generator=g, dtype=torch.float64).to(device) if bias else None
+    inputs = {"x": x, "values": values, "bias": b}
+    for name, t in inputs.items():
+        if t is not None and wanted in ("all", name):
+            t.requires_grad_()
+    out = csr_linear(x, crow, col, values, b)
+    ref = reference.csr_linear(x, crow, col, values, b)
+    grad = torch.randn(m, 13, generator=g, dtype=torch.float64).to(device)
+    wrt = [t for t in inputs.values() if t is not None and t.requires_grad]
+    for a, e in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(ref, wrt, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    if m < 70:
+        assert torch.autograd.gradcheck(lambda *args: csr_linear(*args), (x, crow, col, values, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_graph_without_grad(device):
+    dense = make_weight(13, 21, "random", density=0.4)
+    crow, col, values = to_csr(dense, torch.float32, device)
+    x = torch.randn(3, 21, device=device)
+    values.requires_grad_()
+    with torch.no_grad():
+        assert csr_linear(x, crow, col, values, None).grad_fn is None
+    assert csr_linear(x, crow, col, values.detach(), None).grad_fn is None
+    assert csr_linear(x, crow, col, values, None).grad_fn is not None

@@ -1,65 +1,47 @@
 // CPU kernel of sparsevd::csr_linear: y = x·Wᵀ + b with W [N, K] in CSR (rows = output
 // features, int32 indices), x [M, K], fp32 accumulation (fp64 for float64).
 //
-// Computed as the SpMM yᵀ = W·xᵀ:
+// Computed as the SpMM yᵀ = W·xᵀ (inner loops in csr_kernels.h):
 //   - M == 1: a sparse GEMV reading x directly; with AVX-512 and float32, 16 non-zeros
 //     per step with one gather of x; otherwise 4 independent scalar chains per row.
-//   - M > 1: x is transposed once into xᵀ [K, ldm] in the accumulation type (ldm = M
-//     rounded up to one SIMD vector, padding zeroed), so every non-zero w_nk reads one
-//     contiguous row slice xᵀ[k, m0:m0+W] and does W fused multiply-adds into register
-//     accumulators. M is processed in blocks of W = 16, 32 or 64 floats (8..32 doubles):
-//     as wide as keeps the slab xᵀ[:, m0:m0+W] within ~512 KiB of L2 while a thread
-//     walks its rows; narrow blocks use several accumulator chains to hide FMA latency.
-//     Results are staged for 16 rows at a time and written to y [M, N] in runs of 16
-//     contiguous outputs (one row of W is a column of y).
+//   - M > 1: the batch is cut into blocks of W = 4 SIMD vectors (64 floats with
+//     AVX-512; fewer when K is so large that the panel would not stay in L2), and the
+//     last block is only as wide as the vectors it needs. A block is packed into a
+//     contiguous panel P [K][W] and every row of W sweeps it, one contiguous W-wide
+//     read per non-zero; results are staged for 16 rows and written to y [M, N] in
+//     runs of 16 contiguous outputs (a row of W is a column of y).
 //   - Long rows are summed in chunks of 64 non-zeros (two-level summation), which keeps
 //     the rounding error near that of a blocked dense GEMM.
-// Rows are split among threads by equal work (non-zeros + rows), not equal row counts:
-// SparseVD layers have many empty rows (pruned neurons) next to dense ones. Small
-// problems run inline on the calling thread (no thread-pool wake-up, no allocation for
-// M == 1): a batch-1 call on a 300×784 layer at 95% sparsity costs a few microseconds.
+// Threads: with enough batch blocks each thread packs and computes its own blocks (no
+// shared data, no duplicated packing); otherwise all panels are packed once and rows are
+// split among threads by equal work (non-zeros + rows), not equal row counts: SparseVD
+// layers have many empty rows (pruned neurons) next to dense ones. Small problems run
+// inline on the calling thread (no thread-pool wake-up, no allocation for M == 1).
 // Multi-threading needs -fopenmp at build time (at::parallel_for is header-only).
 //
-// The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline) and chosen at
-// run time on x86-64 with GCC/Clang, as PyTorch does for its own kernels; elsewhere
-// the baseline build is used.
+// The inner loops are compiled per instruction set (AVX-512, AVX2+FMA, portable) and
+// chosen once by vec_math.h's cpu_isa(), which honours ATEN_CPU_CAPABILITY.
 //
-// O(1) argument checks run on every call; the O(nnz) checks (sorted, in-range column
-// indices, monotone crow_indices) are the caller's business, done once when the CSR
-// weight is built (sparsevd pruning/export).
+// Nothing trusts the structure: crow[0] = 0 and crow[N] = nnz are checked per call,
+// every row's 0 <= crow[r] <= crow[r+1] <= nnz where the row starts and every column
+// index where it is read; the first bad index stops the kernel and raises after the
+// parallel loop (RuntimeError for crow_indices, IndexError for col_indices).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(_M_X64)) && !defined(__INTEL_COMPILER)
-#define SPARSEVD_X86_MULTIVERSION 1
-#else
-#define SPARSEVD_X86_MULTIVERSION 0
-#endif
-
-#if SPARSEVD_X86_MULTIVERSION
-#include <immintrin.h>
-#endif
+#include "csr_kernels.h"
 
 #if !defined(_OPENMP)
 #pragma message("sparsevd csr_linear.cpp: compiled without -fopenmp, so at::parallel_for runs on one thread; build with -fopenmp (cxx and link flags), as PyTorch's own CPU kernels are")
-#endif
-
-#if defined(__GNUC__)
-#define SPARSEVD_INLINE inline __attribute__((always_inline))
-#else
-#define SPARSEVD_INLINE inline
 #endif
 
 namespace sparsevd {
@@ -130,348 +112,120 @@ int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indice
 
 namespace {
 
-// ---------------------------------------------------------------------------------------
-// Inner loops. Everything below is header-style, always inlined into the per-ISA entry
-// points at the bottom, so one source is compiled once per instruction set.
+using csr::BadIndex;
+using csr::acc_type;
 
-template <typename acc_t, typename scalar_t>
-SPARSEVD_INLINE acc_t to_acc(scalar_t v) { return static_cast<acc_t>(v); }
-
-// SIMD vectors of VB bytes in GCC/Clang vector-extension form, one register of the
-// instruction set at hand: 64 (zmm, AVX-512), 32 (ymm, AVX2) or 16 (xmm, baseline).
-// Loads and stores go through memcpy (unaligned vmovups).
-template <typename acc_t, int VB>
-struct Simd {
-  typedef acc_t V __attribute__((vector_size(VB)));
-  static constexpr int kLanes = VB / static_cast<int>(sizeof(acc_t));
+// y[r] = sum + b_r, for the GEMV.
+template <typename scalar_t, typename acc_t>
+struct StoreY {
+  const scalar_t* bias;
+  scalar_t* y;
+  SPARSEVD_INLINE void operator()(int64_t r, acc_t sum) const {
+    y[r] = static_cast<scalar_t>(bias != nullptr ? sum + csr::to_acc<acc_t>(bias[r]) : sum);
+  }
 };
 
-// xᵀ rows are padded to a multiple of 64 bytes: whole vectors for every width.
-constexpr int64_t kPadBytes = 64;
-// Target size of the xᵀ slab that one batch block reads (see spmm_rows).
-constexpr int64_t kSlabBytes = int64_t(512) << 10;
+// Panels of 4 vectors per row at most (see csr_kernels.h); the tail block of a batch
+// needs 1 to 4, or half a vector.
+constexpr int kMaxVectors = 4;
 
-// Non-zeros per partial sum (two-level summation of long rows).
-constexpr int64_t kSumChunk = 64;
-
-// y[0, r] = Σ_j w_rj x[0, col_j] + b_r for rows r in [r0, r1) — the M == 1 GEMV.
-template <typename scalar_t, typename acc_t>
-SPARSEVD_INLINE void gemv_rows(const int32_t* __restrict crow, const int32_t* __restrict col,
-                               const scalar_t* __restrict val, const scalar_t* __restrict x,
-                               int64_t sx, const scalar_t* __restrict bias,
-                               scalar_t* __restrict y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t j = crow[r];
-    const int64_t end = crow[r + 1];
-    acc_t sum = 0;
-    while (j < end) {
-      // Four chains for instruction-level parallelism, restarted every 4·kSumChunk
-      // non-zeros (two-level summation, see spmm_block).
-      const int64_t stop = std::min<int64_t>(end, j + 4 * kSumChunk);
-      acc_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      for (; j + 4 <= stop; j += 4) {
-        a0 += to_acc<acc_t>(val[j]) * to_acc<acc_t>(x[col[j] * sx]);
-        a1 += to_acc<acc_t>(val[j + 1]) * to_acc<acc_t>(x[col[j + 1] * sx]);
-        a2 += to_acc<acc_t>(val[j + 2]) * to_acc<acc_t>(x[col[j + 2] * sx]);
-        a3 += to_acc<acc_t>(val[j + 3]) * to_acc<acc_t>(x[col[j + 3] * sx]);
-      }
-      for (; j < stop; ++j) a0 += to_acc<acc_t>(val[j]) * to_acc<acc_t>(x[col[j] * sx]);
-      sum += (a0 + a1) + (a2 + a3);
-    }
-    if (bias != nullptr) sum += to_acc<acc_t>(bias[r]);
-    y[r] = static_cast<scalar_t>(sum);
-  }
-}
-
-// One block of NV vectors (NV · kLanes batch columns starting at m0) for rows [r0, r1):
-// acc = Σ_j w_rj xᵀ[col_j, m0 : m0 + NV·kLanes], then y[m, r] = acc[m - m0] + b_r for
-// the columns m < M.
-//   - Narrow blocks (NV < 4) run 4/NV independent chains over the non-zeros, so that
-//     the FMA latency is hidden as well as with 4 accumulators.
-//   - Results of kRowTile rows are staged in a small transposed tile and written as
-//     runs of kRowTile contiguous outputs per batch row: writing y[m, r] one row of W
-//     at a time would touch one cache line (and one page, for large N) per output.
-constexpr int64_t kRowTile = 16;
-
-template <int VB, int NV, typename scalar_t, typename acc_t>
-SPARSEVD_INLINE void spmm_block(const int32_t* __restrict crow, const int32_t* __restrict col,
-                                const scalar_t* __restrict val, const acc_t* __restrict xt,
-                                int64_t ldm, int64_t m0, int64_t M, int64_t N,
-                                const scalar_t* __restrict bias, scalar_t* __restrict y,
-                                int64_t r0, int64_t r1) {
-  using V = typename Simd<acc_t, VB>::V;
-  constexpr int L = Simd<acc_t, VB>::kLanes;
-  constexpr int C = NV >= 4 ? 1 : 4 / NV;  // independent accumulator chains
-  const acc_t* __restrict xb = xt + m0;
-  const int64_t valid = std::min<int64_t>(NV * L, M - m0);
-  alignas(64) acc_t tile[NV * L][kRowTile];
-  for (int64_t rb = r0; rb < r1; rb += kRowTile) {
-    const int64_t re = std::min<int64_t>(rb + kRowTile, r1);
-    for (int64_t r = rb; r < re; ++r) {
-      V acc[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] = V{};
-      const int64_t end = crow[r + 1];
-      for (int64_t j = crow[r]; j < end;) {
-        // Two-level summation: a fresh partial sum per chunk of kSumChunk non-zeros
-        // keeps the rounding error of long rows near that of a blocked dense GEMM.
-        const int64_t stop = std::min<int64_t>(end, j + kSumChunk);
-        V part[C][NV];
-#pragma GCC unroll 8
-        for (int c = 0; c < C; ++c)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) part[c][v] = V{};
-        for (; j + C <= stop; j += C) {
-#pragma GCC unroll 8
-          for (int c = 0; c < C; ++c) {
-            const acc_t w = to_acc<acc_t>(val[j + c]);
-            const acc_t* __restrict xr = xb + static_cast<int64_t>(col[j + c]) * ldm;
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) {
-              V xv;
-              std::memcpy(&xv, xr + v * L, sizeof(V));
-              part[c][v] += w * xv;
-            }
-          }
-        }
-        for (; j < stop; ++j) {
-          const acc_t w = to_acc<acc_t>(val[j]);
-          const acc_t* __restrict xr = xb + static_cast<int64_t>(col[j]) * ldm;
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) {
-            V xv;
-            std::memcpy(&xv, xr + v * L, sizeof(V));
-            part[0][v] += w * xv;
-          }
-        }
-#pragma GCC unroll 8
-        for (int c = 0; c < C; ++c)
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[v] += part[c][v];
-      }
-      const acc_t b = bias != nullptr ? to_acc<acc_t>(bias[r]) : acc_t(0);
-      alignas(64) acc_t out[NV * L];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) std::memcpy(out + v * L, &acc[v], sizeof(V));
-      for (int i = 0; i < NV * L; ++i) tile[i][r - rb] = out[i] + b;
-    }
-    for (int64_t i = 0; i < valid; ++i) {
-      scalar_t* __restrict yr = y + (m0 + i) * N + rb;
-      for (int64_t rr = 0; rr < re - rb; ++rr) yr[rr] = static_cast<scalar_t>(tile[i][rr]);
-    }
-  }
-}
-
-// Rows [r0, r1) for all batch columns: full blocks of 4, 2 or 1 vectors of VB bytes —
-// the widest whose slab xᵀ[:, block] (K rows) fits in kSlabBytes, so that it stays in
-// L2 while the thread sweeps its rows — then one narrower block for the remaining
-// vectors (the last one padded with zeros in xᵀ).
+// Rows [r0, r1) against a panel of `width` values per row: 1..4 SIMD vectors of VB
+// bytes, or one of VB / 2 (in the AVX2 / AVX-512 builds).
 template <int VB, typename scalar_t, typename acc_t>
-SPARSEVD_INLINE void spmm_rows(const int32_t* crow, const int32_t* col, const scalar_t* val,
-                               const acc_t* xt, int64_t ldm, int64_t K, int64_t M, int64_t N,
-                               const scalar_t* bias, scalar_t* y, int64_t r0, int64_t r1) {
-  constexpr int L = Simd<acc_t, VB>::kLanes;
-  const int64_t block_vecs = K * VB * 4 <= kSlabBytes ? 4 : K * VB * 2 <= kSlabBytes ? 2 : 1;
-  const int64_t vecs = ldm / L;
-  int64_t v0 = 0;
-  for (; v0 + block_vecs <= vecs; v0 += block_vecs) {
-    const int64_t m0 = v0 * L;
-    if (block_vecs == 4) spmm_block<VB, 4>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1);
-    else if (block_vecs == 2) spmm_block<VB, 2>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1);
-    else spmm_block<VB, 1>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1);
+SPARSEVD_INLINE bool spmm_panel(int64_t width, const int32_t* crow, const int32_t* col,
+                                const scalar_t* val, uint32_t nnz, const acc_t* P, uint32_t K,
+                                const scalar_t* bias, int64_t m0, int64_t valid, int64_t N,
+                                scalar_t* y, int64_t r0, int64_t r1, BadIndex& bad) {
+  constexpr int64_t L = csr::Simd<acc_t, VB>::kLanes;
+  if constexpr (VB >= 32) {
+    if (width < L)
+      return csr::spmm_rows_to_y<VB / 2, 1>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
   }
-  const int64_t m0 = v0 * L;
-  switch (vecs - v0) {
-    case 3: spmm_block<VB, 3>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1); break;
-    case 2: spmm_block<VB, 2>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1); break;
-    case 1: spmm_block<VB, 1>(crow, col, val, xt, ldm, m0, M, N, bias, y, r0, r1); break;
-    default: break;
-  }
-}
-
-// xᵀ[k, m] = x[m, k] in the accumulation type for k in [k0, k1), columns m in [M, ldm)
-// zeroed. Tiles of 16 × 16 keep both the reads and the writes in cache lines.
-template <typename scalar_t, typename acc_t>
-SPARSEVD_INLINE void transpose_cols(const scalar_t* __restrict x, int64_t sm, int64_t sk,
-                                    acc_t* __restrict xt, int64_t ldm, int64_t M, int64_t k0,
-                                    int64_t k1) {
-  constexpr int64_t T = 16;
-  for (int64_t kb = k0; kb < k1; kb += T) {
-    const int64_t ke = std::min(kb + T, k1);
-    for (int64_t mb = 0; mb < M; mb += T) {
-      const int64_t me = std::min(mb + T, M);
-      for (int64_t k = kb; k < ke; ++k) {
-        acc_t* __restrict dst = xt + k * ldm;
-        const scalar_t* __restrict src = x + k * sk;
-        for (int64_t m = mb; m < me; ++m) dst[m] = to_acc<acc_t>(src[m * sm]);
-      }
-    }
-    for (int64_t k = kb; k < ke; ++k)
-      for (int64_t m = M; m < ldm; ++m) xt[k * ldm + m] = acc_t(0);
+  switch (width / L) {
+    case 1: return csr::spmm_rows_to_y<VB, 1>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    case 2: return csr::spmm_rows_to_y<VB, 2>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    case 3: return csr::spmm_rows_to_y<VB, 3>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
+    default: return csr::spmm_rows_to_y<VB, 4>(crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1, bad);
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Per-ISA entry points: same body, different code generation.
 
-template <typename scalar_t, typename acc_t>
-struct Kernels {
-  using Gemv = void (*)(const int32_t*, const int32_t*, const scalar_t*, const scalar_t*,
-                        int64_t, const scalar_t*, scalar_t*, int64_t, int64_t);
-  using Spmm = void (*)(const int32_t*, const int32_t*, const scalar_t*, const acc_t*, int64_t,
-                        int64_t, int64_t, int64_t, const scalar_t*, scalar_t*, int64_t, int64_t);
-  using Transpose = void (*)(const scalar_t*, int64_t, int64_t, acc_t*, int64_t, int64_t,
-                             int64_t, int64_t);
-  Gemv gemv;
-  Spmm spmm;
-  Transpose transpose;
-};
-
 #define SPARSEVD_DEFINE_ISA(SUFFIX, VB, ATTR)                                                  \
-  template <typename scalar_t, typename acc_t>                                                \
-  ATTR void gemv_##SUFFIX(const int32_t* crow, const int32_t* col, const scalar_t* val,       \
-                          const scalar_t* x, int64_t sx, const scalar_t* bias, scalar_t* y,   \
-                          int64_t r0, int64_t r1) {                                           \
-    gemv_rows<scalar_t, acc_t>(crow, col, val, x, sx, bias, y, r0, r1);                       \
+  template <typename scalar_t>                                                                \
+  ATTR bool gemv_##SUFFIX(const int32_t* crow, const int32_t* col, const scalar_t* val,       \
+                          uint32_t nnz, const scalar_t* x, uint32_t K, const scalar_t* bias,  \
+                          scalar_t* y, int64_t r0, int64_t r1, BadIndex& bad) {               \
+    using acc_t = acc_type<scalar_t>;                                                         \
+    return csr::gemv_rows<scalar_t, scalar_t, acc_t>(crow, col, val, nnz, x, K, r0, r1,       \
+                                                     StoreY<scalar_t, acc_t>{bias, y}, bad);  \
   }                                                                                           \
-  template <typename scalar_t, typename acc_t>                                                \
-  ATTR void spmm_##SUFFIX(const int32_t* crow, const int32_t* col, const scalar_t* val,       \
-                          const acc_t* xt, int64_t ldm, int64_t K, int64_t M, int64_t N,      \
-                          const scalar_t* bias, scalar_t* y, int64_t r0, int64_t r1) {        \
-    spmm_rows<VB, scalar_t, acc_t>(crow, col, val, xt, ldm, K, M, N, bias, y, r0, r1);        \
+  template <typename scalar_t>                                                                \
+  ATTR bool spmm_##SUFFIX(int64_t width, const int32_t* crow, const int32_t* col,             \
+                          const scalar_t* val, uint32_t nnz, const acc_type<scalar_t>* P,     \
+                          uint32_t K, const scalar_t* bias, int64_t m0, int64_t valid,        \
+                          int64_t N, scalar_t* y, int64_t r0, int64_t r1, BadIndex& bad) {    \
+    return spmm_panel<VB>(width, crow, col, val, nnz, P, K, bias, m0, valid, N, y, r0, r1,    \
+                          bad);                                                               \
   }                                                                                           \
-  template <typename scalar_t, typename acc_t>                                                \
-  ATTR void transpose_##SUFFIX(const scalar_t* x, int64_t sm, int64_t sk, acc_t* xt,          \
-                               int64_t ldm, int64_t M, int64_t k0, int64_t k1) {              \
-    transpose_cols<scalar_t, acc_t>(x, sm, sk, xt, ldm, M, k0, k1);                           \
+  template <typename scalar_t>                                                                \
+  ATTR void pack_##SUFFIX(const scalar_t* x, int64_t sm, int64_t sk, int64_t m0,              \
+                          int64_t valid, int64_t K, int64_t W, acc_type<scalar_t>* P) {       \
+    csr::pack_panel<VB>(x, sm, sk, m0, valid, K, W, P);                                       \
   }
 
-SPARSEVD_DEFINE_ISA(base, 16, )
-#if SPARSEVD_X86_MULTIVERSION
-SPARSEVD_DEFINE_ISA(avx2, 32, __attribute__((target("avx2,fma,f16c"))))
-SPARSEVD_DEFINE_ISA(avx512, 64, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))))
+SPARSEVD_DEFINE_ISA(portable, 16, )
+#if SPARSEVD_X86
+SPARSEVD_DEFINE_ISA(avx2, 32, SPARSEVD_TARGET_AVX2)
+SPARSEVD_DEFINE_ISA(avx512, 64, SPARSEVD_TARGET_AVX512)
 #endif
 #undef SPARSEVD_DEFINE_ISA
 
-#if SPARSEVD_X86_MULTIVERSION
-// float32 GEMV with AVX-512 gathers: 16 non-zeros per step (one load of 16 column
-// indices, one of 16 values, one gather of x), 16 partial sums per row reduced at the
-// end. About twice the scalar loop's speed at SparseVD densities.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void gemv_f32_avx512_gather(
-    const int32_t* crow, const int32_t* col, const float* val, const float* x, int64_t sx,
-    const float* bias, float* y, int64_t r0, int64_t r1) {
-  if (sx != 1) {
-    gemv_avx512<float, float>(crow, col, val, x, sx, bias, y, r0, r1);
-    return;
-  }
-  for (int64_t r = r0; r < r1; ++r) {
-    int64_t j = crow[r];
-    const int64_t end = crow[r + 1];
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (; j + 32 <= end; j += 32) {
-      const __m512i c0 = _mm512_loadu_si512(col + j);
-      const __m512i c1 = _mm512_loadu_si512(col + j + 16);
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j), _mm512_i32gather_ps(c0, x, 4), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(val + j + 16), _mm512_i32gather_ps(c1, x, 4), acc1);
-    }
-    for (; j < end; j += 16) {
-      const int64_t left = end - j;
-      const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
-      const __m512i c = _mm512_maskz_loadu_epi32(m, col + j);
-      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, c, x, 4);
-      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, val + j), xv, acc0);
-    }
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    if (bias != nullptr) sum += bias[r];
-    y[r] = sum;
-  }
-}
-#endif
+template <typename scalar_t>
+struct Kernels {
+  using acc_t = acc_type<scalar_t>;
+  bool (*gemv)(const int32_t*, const int32_t*, const scalar_t*, uint32_t, const scalar_t*,
+               uint32_t, const scalar_t*, scalar_t*, int64_t, int64_t, BadIndex&);
+  bool (*spmm)(int64_t, const int32_t*, const int32_t*, const scalar_t*, uint32_t, const acc_t*,
+               uint32_t, const scalar_t*, int64_t, int64_t, int64_t, scalar_t*, int64_t, int64_t,
+               BadIndex&);
+  void (*pack)(const scalar_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, acc_t*);
+  int64_t lanes;  // acc_t values per SIMD vector
+  bool half;      // half-vector panels exist
+};
 
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#if SPARSEVD_X86_MULTIVERSION
-  // SPARSEVD_CPU_ISA=avx2|base caps the instruction set (to test the other builds).
-  const char* cap = std::getenv("SPARSEVD_CPU_ISA");
-  if (cap != nullptr && std::strcmp(cap, "base") == 0) return Isa::kBase;
-  const bool avx2_cap = cap != nullptr && std::strcmp(cap, "avx2") == 0;
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("fma") && !avx2_cap)
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
-
-template <typename scalar_t, typename acc_t>
-const Kernels<scalar_t, acc_t>& kernels() {
-  static const Kernels<scalar_t, acc_t> chosen = [] {
-    switch (detect_isa()) {
-#if SPARSEVD_X86_MULTIVERSION
-      case Isa::kAvx512:
+template <typename scalar_t>
+const Kernels<scalar_t>& kernels() {
+  using acc_t = acc_type<scalar_t>;
+  static const Kernels<scalar_t> chosen = []() -> Kernels<scalar_t> {
+    constexpr int64_t S = sizeof(acc_t);
+    switch (vm::cpu_isa()) {
+#if SPARSEVD_X86
+      case vm::Isa::kAvx512:
         if constexpr (std::is_same_v<scalar_t, float>) {
-          return Kernels<scalar_t, acc_t>{&gemv_f32_avx512_gather, &spmm_avx512<scalar_t, acc_t>,
-                                          &transpose_avx512<scalar_t, acc_t>};
+          if (csr::use_gathers())
+            return {&csr::gemv_f32_avx512_gather, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S, true};
         }
-        return Kernels<scalar_t, acc_t>{&gemv_avx512<scalar_t, acc_t>,
-                                        &spmm_avx512<scalar_t, acc_t>,
-                                        &transpose_avx512<scalar_t, acc_t>};
-      case Isa::kAvx2:
-        return Kernels<scalar_t, acc_t>{&gemv_avx2<scalar_t, acc_t>, &spmm_avx2<scalar_t, acc_t>,
-                                        &transpose_avx2<scalar_t, acc_t>};
+        return {&gemv_avx512<scalar_t>, &spmm_avx512<scalar_t>, &pack_avx512<scalar_t>, 64 / S, true};
+      case vm::Isa::kAvx2:
+        return {&gemv_avx2<scalar_t>, &spmm_avx2<scalar_t>, &pack_avx2<scalar_t>, 32 / S, true};
 #endif
       default:
-        return Kernels<scalar_t, acc_t>{&gemv_base<scalar_t, acc_t>, &spmm_base<scalar_t, acc_t>,
-                                        &transpose_base<scalar_t, acc_t>};
+        return {&gemv_portable<scalar_t>, &spmm_portable<scalar_t>, &pack_portable<scalar_t>, 16 / S, false};
     }
   }();
   return chosen;
 }
 
-// Below this many multiply-adds a call runs on the calling thread: waking the pool
-// costs more than it saves.
-constexpr int64_t kSerialWork = 1 << 15;
-
-// Runs f(r0, r1) over [0, N) in at most `parts` contiguous row ranges of about equal
-// work, work(r) = nnz(r) + 1 (so empty rows still count for their output write).
-template <typename F>
-void for_rows_balanced(const int32_t* crow, int64_t N, int64_t work, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (work < kSerialWork || threads <= 1 || N <= 1 || at::in_parallel_region()) {
-    f(int64_t(0), N);
-    return;
-  }
-  const int64_t parts = std::min<int64_t>(threads, N);
-  const int64_t total = static_cast<int64_t>(crow[N] - crow[0]) + N;
-  // First row r with crow[r] - crow[0] + r >= target: a binary search on a monotone key.
-  auto boundary = [&](int64_t part) -> int64_t {
-    if (part >= parts) return N;
-    const int64_t target = total * part / parts;
-    int64_t lo = 0, hi = N;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi) / 2;
-      if (static_cast<int64_t>(crow[mid] - crow[0]) + mid < target) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-  };
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t r0 = boundary(p), r1 = boundary(p + 1);
-      if (r0 < r1) f(r0, r1);
-    }
-  });
-}
-
 template <typename scalar_t>
-void csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
-                         const at::Tensor& values, const at::Tensor* bias, at::Tensor& y) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const auto& k = kernels<scalar_t, acc_t>();
+BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                             const at::Tensor& values, const at::Tensor* bias, at::Tensor& y) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& k = kernels<scalar_t>();
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1);
   const int64_t nnz = values.numel();
+  const uint32_t unnz = static_cast<uint32_t>(nnz), ucols = csr::col_limit(K);
   const int32_t* crow_p = crow.const_data_ptr<int32_t>();
   const int32_t* col_p = col.const_data_ptr<int32_t>();
   const scalar_t* val_p = values.const_data_ptr<scalar_t>();
@@ -481,30 +235,58 @@ void csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const at::
 
   if (M == 1) {
     // x is read with unit stride here (csr_linear_cpu copies a strided batch row).
-    const int64_t sx = x.stride(1);
-    for_rows_balanced(crow_p, N, nnz + N, [&](int64_t r0, int64_t r1) {
-      k.gemv(crow_p, col_p, val_p, x_p, sx, bias_p, y_p, r0, r1);
+    return csr::for_rows_balanced(crow_p, N, nnz + N, [&](int64_t r0, int64_t r1, BadIndex& bad) {
+      k.gemv(crow_p, col_p, val_p, unnz, x_p, ucols, bias_p, y_p, r0, r1, bad);
     });
-    return;
   }
 
-  // xᵀ [K, ldm] in the accumulation type, batch padded to whole SIMD vectors.
-  constexpr int64_t L = kPadBytes / static_cast<int64_t>(sizeof(acc_t));
-  const int64_t ldm = (M + L - 1) / L * L;
-  at::Tensor xt = at::empty({K * ldm}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* xt_p = xt.mutable_data_ptr<acc_t>();
+  int64_t vectors = kMaxVectors;
+  while (vectors > 1 && K * vectors * k.lanes * int64_t(sizeof(acc_t)) > csr::kPanelBytes) vectors /= 2;
+  const csr::Blocks blocks(M, k.lanes, vectors, k.half);
+  const int64_t panel = K * blocks.panel_width(0);  // block 0 is the widest
   const int64_t sm = x.stride(0), sk = x.stride(1);
-  const int64_t transpose_work = K * ldm;
-  if (transpose_work < kSerialWork || at::in_parallel_region()) {
-    k.transpose(x_p, sm, sk, xt_p, ldm, M, 0, K);
-  } else {
-    at::parallel_for(0, K, std::max<int64_t>(16, kSerialWork / ldm), [&](int64_t k0, int64_t k1) {
-      k.transpose(x_p, sm, sk, xt_p, ldm, M, k0, k1);
+  const auto acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t work = (nnz + N) * M;
+
+  auto run_block = [&](int64_t b, const acc_t* P, int64_t r0, int64_t r1, BadIndex& bad) {
+    return k.spmm(blocks.panel_width(b), crow_p, col_p, val_p, unnz, P, ucols, bias_p, blocks.m0(b),
+                  blocks.valid(b), N, y_p, r0, r1, bad);
+  };
+
+  if (blocks.split_blocks(work)) {
+    // Each thread packs and sweeps its own batch blocks.
+    std::vector<BadIndex> bad(blocks.count);
+    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+      at::Tensor scratch = at::empty({panel}, acc_options);
+      acc_t* P = scratch.mutable_data_ptr<acc_t>();
+      for (int64_t b = b0; b < b1; ++b) {
+        k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P);
+        if (!run_block(b, P, 0, N, bad[b])) return;
+      }
+    });
+    return csr::first_bad(bad);
+  }
+  if (at::get_num_threads() > 1 && work >= csr::kSerialWork && !at::in_parallel_region()) {
+    // Too few blocks to share out: pack them all, then split the rows.
+    at::Tensor scratch = at::empty({blocks.count * panel}, acc_options);
+    acc_t* P = scratch.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P + b * panel);
+    });
+    return csr::for_rows_balanced(crow_p, N, work, [&](int64_t r0, int64_t r1, BadIndex& bad) {
+      for (int64_t b = 0; b < blocks.count; ++b)
+        if (!run_block(b, P + b * panel, r0, r1, bad)) return;
     });
   }
-  for_rows_balanced(crow_p, N, (nnz + N) * ldm, [&](int64_t r0, int64_t r1) {
-    k.spmm(crow_p, col_p, val_p, xt_p, ldm, K, M, N, bias_p, y_p, r0, r1);
-  });
+  at::Tensor scratch = at::empty({panel}, acc_options);
+  acc_t* P = scratch.mutable_data_ptr<acc_t>();
+  BadIndex bad;
+  for (int64_t b = 0; b < blocks.count; ++b) {
+    k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P);
+    if (!run_block(b, P, 0, N, bad)) break;
+  }
+  return bad;
 }
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices,
@@ -519,7 +301,6 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices,
   const int64_t M = x.size(0);
   const int64_t nnz = values.numel();
   const at::Tensor crow = crow_indices.contiguous();
-  // O(1) structural checks that protect the kernel's memory accesses.
   const int32_t first = crow.const_data_ptr<int32_t>()[0];
   const int32_t last = crow.const_data_ptr<int32_t>()[N];
   TORCH_CHECK(first == 0 && last == nnz, "sparsevd::csr_linear: crow_indices must start at 0 ",
@@ -528,20 +309,18 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& crow_indices,
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const bool has_bias = bias.has_value() && bias->defined();
-  at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  if (nnz == 0) {
-    if (has_bias) y.copy_(b.unsqueeze(0).expand({M, N})); else y.zero_();
-    return y;
-  }
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   const at::Tensor col = col_indices.contiguous();
   const at::Tensor val = values.contiguous();
-  // M > 1 transposes x once anyway, reading it through its strides: no copy.
-  // A single batch row with a stride along K is copied (K elements) so that the GEMV
-  // gives the same bits as for a contiguous x.
+  // M > 1 packs x anyway, reading it through its strides: no copy. A single batch row
+  // with a stride along K is copied (K elements) so that the GEMV gives the same bits
+  // as for a contiguous x.
   const at::Tensor xx = (M == 1 && x.stride(1) != 1) ? x.contiguous() : x;
+  BadIndex bad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_linear_cpu", [&] {
-    csr_linear_cpu_impl<scalar_t>(xx, crow, col, val, has_bias ? &b : nullptr, y);
+    bad = csr_linear_cpu_impl<scalar_t>(xx, crow, col, val, has_bias ? &b : nullptr, y);
   });
+  if (!bad.ok()) csr::raise_bad_index("sparsevd::csr_linear", bad, x.size(1), nnz);
   return y;
 }
 

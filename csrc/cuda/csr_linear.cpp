@@ -1,5 +1,7 @@
 // CUDA glue of sparsevd::csr_linear: argument checks, allocation, stream and choice of
 // regime; the kernels are in csr_spmm.cu (compiled by nvcc without torch headers).
+// Invalid CSR structure cannot raise here without a synchronization: the kernels give
+// the affected rows NaN outputs instead (csr_spmm.h).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
@@ -34,33 +36,27 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
   return cuda::DType::kFloat32;  // unreachable
 }
 
-at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices,
-                           const at::Tensor& col_indices, const at::Tensor& values,
-                           const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& row_order) {
-  const int64_t N = csr_linear_check_args(x, crow_indices, col_indices, values, bias, row_order);
-  TORCH_CHECK(x.is_cuda(), "sparsevd::csr_linear: the CUDA kernel got x on ", x.device());
-  const cuda::DType dtype = to_kernel_dtype(x.scalar_type());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), K = x.size(1);
-  const int64_t nnz = values.numel();
+}  // namespace
 
+// y = x·Wᵀ + b on the current stream, for checked arguments on x's device (the guard is
+// the caller's); bias and row_order contiguous or undefined. Also a layer of
+// linear_chain (csrc/cuda/linear_chain.cpp). No synchronization: CUDA-graph capturable.
+at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indices,
+                               const at::Tensor& col_indices, const at::Tensor& values,
+                               const at::Tensor& bias, const at::Tensor& row_order) {
+  const cuda::DType dtype = to_kernel_dtype(x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t N = crow_indices.numel() - 1;
+  const int64_t nnz = values.numel();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  const bool has_bias = bias.has_value() && bias->defined();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  if (nnz == 0) {
-    if (has_bias) y.copy_(b.unsqueeze(0).expand({M, N})); else y.zero_();
-    return y;
-  }
+  // nnz == 0 still runs the kernel, which checks every row's range (all must be empty).
   const at::Tensor crow = crow_indices.contiguous();
   const at::Tensor col = col_indices.contiguous();
   const at::Tensor val = values.contiguous();
-  const bool has_order = row_order.has_value() && row_order->defined();
-  const at::Tensor order = has_order ? row_order->contiguous() : at::Tensor();
   cuda::CsrArgs w{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
-                  val.const_data_ptr(), has_bias ? b.const_data_ptr() : nullptr,
-                  has_order ? order.const_data_ptr<int32_t>() : nullptr, N, nnz};
+                  val.const_data_ptr(), bias.defined() ? bias.const_data_ptr() : nullptr,
+                  row_order.defined() ? row_order.const_data_ptr<int32_t>() : nullptr, N, nnz, K};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   if (cuda::use_small_m(M, N)) {
@@ -83,6 +79,22 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices,
   }
   C10_CUDA_CHECK(cuda::csr_linear_large_m(dtype, xt_p, ldx, w, y.mutable_data_ptr(), M, stream));
   return y;
+}
+
+namespace {
+
+at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& crow_indices,
+                           const at::Tensor& col_indices, const at::Tensor& values,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& row_order) {
+  csr_linear_check_args(x, crow_indices, col_indices, values, bias, row_order);
+  TORCH_CHECK(x.is_cuda(), "sparsevd::csr_linear: the CUDA kernel got x on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_order = row_order.has_value() && row_order->defined();
+  return csr_linear_cuda_run(x, crow_indices, col_indices, values,
+                             has_bias ? bias->contiguous() : at::Tensor(),
+                             has_order ? row_order->contiguous() : at::Tensor());
 }
 
 }  // namespace

@@ -19,6 +19,8 @@
 //     32 lanes per row) and FMAs into VPT <= 4 vectors of accumulators.
 // Long rows are summed in chunks of 64 non-zeros (two-level summation) so that the
 // rounding error stays near that of a blocked dense GEMM.
+// Bounds (see csr_spmm.h): every row range and column index is checked where it is
+// read; an invalid row reads nothing through the bad index and writes NaN.
 // Output stores are y[m, row] (stride N between batch entries): a row of W is a
 // column of y. The output tile of a CTA stays in L2, which merges the partial sectors.
 //
@@ -28,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -67,6 +70,25 @@ template <>
 __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename A>
+__device__ __forceinline__ A nan_of();
+template <>
+__device__ __forceinline__ float nan_of<float>() { return CUDART_NAN_F; }
+template <>
+__device__ __forceinline__ double nan_of<double>() { return CUDART_NAN; }
+
+// Row `row`'s non-zeros [start, end) if 0 <= start <= end <= nnz; otherwise false and
+// an empty range (unsigned compares: a negative index is huge).
+__device__ __forceinline__ bool row_range(const int32_t* __restrict__ crow, int64_t row,
+                                          int64_t nnz, int& start, int& end) {
+  const int s = crow[row], e = crow[row + 1];
+  const bool ok = static_cast<unsigned>(s) <= static_cast<unsigned>(e) &&
+                  static_cast<uint64_t>(static_cast<unsigned>(e)) <= static_cast<uint64_t>(nnz);
+  start = ok ? s : 0;
+  end = ok ? e : 0;
+  return ok;
+}
 
 // Lanes of the aligned group of G lanes that holds this lane (for *_sync masks).
 template <int G>
@@ -138,13 +160,14 @@ __global__ void __launch_bounds__(kSmallBlock)
                        const int32_t* __restrict__ crow, const int32_t* __restrict__ col,
                        const T* __restrict__ val, const T* __restrict__ bias,
                        const int32_t* __restrict__ perm, T* __restrict__ y, int64_t M,
-                       int64_t N) {
+                       int64_t N, int64_t nnz, int64_t K) {
   const int lane = threadIdx.x & 31;
   const int g_lane = lane & (G - 1);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * (kSmallBlock / G) + threadIdx.x / G;
   if (i >= N) return;  // the whole group leaves together
   const unsigned mask = group_mask<G>(lane);
   const int64_t row = perm != nullptr ? perm[i] : i;
+  if (row < 0 || row >= N) return;  // a bad schedule entry: the group skips it
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;
   const int64_t valid = M - m0 < MT ? M - m0 : MT;
   // Batch rows past M read the last valid one again (no branch in the loop).
@@ -156,13 +179,23 @@ __global__ void __launch_bounds__(kSmallBlock)
   acc_t acc[MT];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t] = acc_t(0);
-  const int end = crow[row + 1];
+  int start, end;
+  bool bad = !row_range(crow, row, nnz, start, end);
 #pragma unroll 2
-  for (int j = crow[row] + g_lane; j < end; j += G) {
-    const int64_t c = static_cast<int64_t>(__ldg(col + j)) * sxk;
+  for (int j = start + g_lane; j < end; j += G) {
+    const int cj = __ldg(col + j);
+    if (static_cast<uint64_t>(static_cast<unsigned>(cj)) >= static_cast<uint64_t>(K)) {
+      bad = true;  // never read through it
+      continue;
+    }
+    const int64_t c = static_cast<int64_t>(cj) * sxk;
     const acc_t v = to_f(val[j]);
 #pragma unroll
     for (int t = 0; t < MT; ++t) acc[t] += v * to_f(xr[t][c]);
+  }
+  if (bad) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) acc[t] = nan_of<acc_t>();  // the group's sums below spread it
   }
 #pragma unroll
   for (int off = G / 2; off > 0; off >>= 1) {
@@ -188,7 +221,7 @@ __global__ void __launch_bounds__(kLargeBlock)
     csr_large_m_kernel(const T* __restrict__ xt, int64_t ldx, const int32_t* __restrict__ crow,
                        const int32_t* __restrict__ col, const T* __restrict__ val,
                        const T* __restrict__ bias, const int32_t* __restrict__ perm,
-                       T* __restrict__ y, int64_t M, int64_t N) {
+                       T* __restrict__ y, int64_t M, int64_t N, int64_t nnz, int64_t K) {
   constexpr int V = VecLoad<T, VB>::kVec;
   const int lane = threadIdx.x & 31;
   const int s_lane = lane & (SUB - 1);
@@ -196,6 +229,7 @@ __global__ void __launch_bounds__(kLargeBlock)
   if (i >= N) return;  // the whole sub-warp leaves together
   const unsigned mask = group_mask<SUB>(lane);
   const int64_t row = perm != nullptr ? perm[i] : i;
+  if (row < 0 || row >= N) return;  // a bad schedule entry: the sub-warp skips it
   const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * SUB * VPT * V;
 
   int64_t mcol[VPT];
@@ -212,7 +246,10 @@ __global__ void __launch_bounds__(kLargeBlock)
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[p][e] = acc_t(0);
 
-  const int start = crow[row], end = crow[row + 1];
+  int start, end;
+  // The same for every lane of the sub-warp: the row's range, and (broadcast below)
+  // each column index, so the sub-warp skips a bad one together.
+  bool bad = !row_range(crow, row, nnz, start, end);
   // Two-level summation: a fresh partial sum per kSumChunk non-zeros keeps the rounding
   // error of long rows near that of a blocked dense GEMM.
   for (int chunk = start; chunk < end; chunk += kSumChunk) {
@@ -235,6 +272,10 @@ __global__ void __launch_bounds__(kLargeBlock)
       for (int t = 0; t < count; ++t) {
         const int ct = __shfl_sync(mask, c, t, SUB);
         const acc_t vt = __shfl_sync(mask, v, t, SUB);
+        if (static_cast<uint64_t>(static_cast<unsigned>(ct)) >= static_cast<uint64_t>(K)) {
+          bad = true;  // never read through it
+          continue;
+        }
         const T* xr = xt + static_cast<int64_t>(ct) * ldx;
 #pragma unroll
         for (int p = 0; p < VPT; ++p) {
@@ -258,7 +299,7 @@ __global__ void __launch_bounds__(kLargeBlock)
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const int64_t m = mcol[p] + e;
-      if (m < M) y[m * N + row] = from_f<T>(acc[p][e] + b);
+      if (m < M) y[m * N + row] = from_f<T>(bad ? nan_of<acc_t>() : acc[p][e] + b);
     }
   }
 }
@@ -307,7 +348,7 @@ void launch_small(const T* x, int64_t sxm, int64_t sxk, const CsrArgs& w, T* y, 
                   static_cast<unsigned>((M + MT - 1) / MT));
   csr_small_m_kernel<T, MT, G><<<grid, kSmallBlock, 0, stream>>>(
       x, sxm, sxk, w.crow, w.col, static_cast<const T*>(w.val), static_cast<const T*>(w.bias),
-      w.row_perm, y, M, w.N);
+      w.row_perm, y, M, w.N, w.nnz, w.K);
 }
 
 template <typename T, int MT>
@@ -347,7 +388,7 @@ void launch_large(const T* xt, int64_t ldx, const CsrArgs& w, T* y, int64_t M,
                   static_cast<unsigned>((ldx + tile - 1) / tile));
   csr_large_m_kernel<T, VB, SUB, VPT><<<grid, kLargeBlock, 0, stream>>>(
       xt, ldx, w.crow, w.col, static_cast<const T*>(w.val), static_cast<const T*>(w.bias),
-      w.row_perm, y, M, w.N);
+      w.row_perm, y, M, w.N, w.nnz, w.K);
 }
 
 template <typename T, int VB>

@@ -5,6 +5,12 @@
 // Problem: y[M, N] = x[M, K] · Wᵀ + b, W [N, K] in CSR with rows = output features
 // (crow [N + 1], col [nnz], val [nnz], int32 indices), fp32 accumulation (fp64 for
 // float64).
+//
+// Bounds: the kernels never read or write outside the buffers, whatever the indices. A
+// row whose range is invalid (not 0 <= crow[r] <= crow[r+1] <= nnz) or that holds a
+// column index outside [0, K) reads nothing through it and gets NaN outputs: a kernel
+// cannot raise without a synchronization, and NaN makes the result visibly wrong
+// rather than plausibly so. A row_perm entry outside [0, N) is skipped.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,6 +33,7 @@ struct CsrArgs {
   const int32_t* row_perm;
   int64_t N;
   int64_t nnz;
+  int64_t K;  // columns of W (features of x): column indices must be below it
 };
 
 // Whether a batch of M rows against N output features runs the small-M kernel (x read

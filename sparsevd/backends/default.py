@@ -71,15 +71,13 @@ def _linear_chain(x, weights, crow_indices, col_indices, biases, activations, ac
     lengths = {len(weights), len(crow_indices), len(col_indices), len(biases), len(activations),
                len(activation_params)}
     if len(lengths) != 1 or not weights:
-        raise ValueError("linear_chain: weights, crow_indices, col_indices, biases, activations and "
-                         "activation_params must be non-empty lists of one length")
-    unknown = set(activations) - set(reference.ACTIVATIONS)
+        raise ValueError("sparsevd::linear_chain: weights, crow_indices, col_indices, biases, activations and "
+                         "activation_params must have one entry per layer (and at least one layer)")
+    unknown = [code for code in activations if not 0 <= code < len(reference.ACTIVATIONS)]
     if unknown:
-        raise ValueError(f"linear_chain: unknown activation codes {sorted(unknown)}")
-    layers = [((crow, col, w) if crow is not None else w, b, code, p)
-              for w, crow, col, b, code, p in zip(weights, crow_indices, col_indices, biases, activations,
-                                                  activation_params)]
-    return reference.linear_chain(x, layers).contiguous()
+        raise ValueError(f"sparsevd::linear_chain: unknown activation codes {unknown} (0..{len(reference.ACTIVATIONS) - 1})")
+    return reference.linear_chain(x, weights, crow_indices, col_indices, biases, activations,
+                                  activation_params).contiguous()
 
 
 def _sbp_check(mu, log_sigma, op):

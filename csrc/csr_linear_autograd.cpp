@@ -1,0 +1,95 @@
+// Autograd of sparsevd::csr_linear in C++, on the AutogradCPU and AutogradCUDA keys.
+//
+// The Python formula (torch.library.register_autograd in sparsevd/ops.py) stays for
+// devices without a kernel here, but its wrapper runs on every call, even under no_grad
+// (a few microseconds, as much as the batch-1 kernel itself). Here a call that needs no
+// graph goes straight to the backend kernel; one that does runs a
+// torch::autograd::Function whose backward gives what the Python one gives:
+//   ∂x = g · W (W densified: training through a CSR layer is rare, and dense formulas
+//   are simple), ∂values_j = Σ_m g[m, row_j] · x[m, col_j], ∂bias = Σ_m g[m, :].
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace sparsevd {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor csr_linear_below_autograd(const at::Tensor& x, const at::Tensor& crow,
+                                     const at::Tensor& col, const at::Tensor& values,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& row_order) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparsevd::csr_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, crow, col, values, bias, row_order);
+}
+
+// The row of every non-zero (int64 [nnz]). Sizes are symbolic and the output length is
+// given, so that torch.compile traces this with fake tensors (no data).
+at::Tensor rows_of_nonzeros(const at::Tensor& crow, const c10::SymInt& nnz) {
+  const at::Tensor counts = at::diff(crow).to(at::kLong);
+  const at::Tensor rows = at::arange(c10::Scalar(crow.sym_size(0) - 1), counts.options());
+  return at::repeat_interleave_symint(rows, counts, 0, nnz);
+}
+
+class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& crow,
+                            const at::Tensor& col, const at::Tensor& values,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& row_order) {
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->save_for_backward({x, crow, col, values});
+    return csr_linear_below_autograd(x, crow, col, values, bias, row_order);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &crow = saved[1], &col = saved[2], &values = saved[3];
+    const at::Tensor& g = grads[0];
+    at::Tensor dx, dvalues, dbias;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(3)) {
+      const at::Tensor rows = rows_of_nonzeros(crow, col.sym_numel());
+      const at::Tensor cols = col.to(at::kLong);
+      if (ctx->needs_input_grad(0)) {
+        const at::Tensor dense =
+            at::zeros_symint({crow.sym_size(0) - 1, x.sym_size(1)}, values.options())
+                .index_put({rows, cols}, values);
+        dx = g.mm(dense);
+      }
+      if (ctx->needs_input_grad(3)) dvalues = g.t().mm(x).index({rows, cols});
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4)) dbias = g.sum(0);
+    return {dx, at::Tensor(), at::Tensor(), dvalues, dbias, at::Tensor()};
+  }
+};
+
+at::Tensor csr_linear_autograd(const at::Tensor& x, const at::Tensor& crow_indices,
+                               const at::Tensor& col_indices, const at::Tensor& values,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& row_order) {
+  const bool needs_graph =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || values.requires_grad() ||
+       (bias.has_value() && bias->defined() && bias->requires_grad()));
+  if (!needs_graph)
+    return csr_linear_below_autograd(x, crow_indices, col_indices, values, bias, row_order);
+  return CsrLinearFunction::apply(x, crow_indices, col_indices, values, bias, row_order);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sparsevd, AutogradCPU, m) { m.impl("csr_linear", &csr_linear_autograd); }
+TORCH_LIBRARY_IMPL(sparsevd, AutogradCUDA, m) { m.impl("csr_linear", &csr_linear_autograd); }
+
+}  // namespace sparsevd
