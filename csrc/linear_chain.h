@@ -22,7 +22,7 @@ struct ChainLayer {
   double param = 0.0;
 };
 
-// Checks the arguments of linear_chain (see csrc/ops.cpp) and returns its layers.
+// Checks the arguments of linear_chain (its schema: sparsevd/_ops.py) and returns its layers.
 // Defined in csrc/cpu/linear_chain.cpp (always built).
 std::vector<ChainLayer> linear_chain_layers(const at::Tensor& x, at::TensorList weights,
                                             const c10::List<std::optional<at::Tensor>>& crow_indices,

@@ -16,11 +16,13 @@ parameters that do not).
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from . import backends
 from .sparse import SparseLinear
 
 #: nn activation modules the chain op applies after a layer: module -> (code, parameter);
@@ -44,41 +46,60 @@ MAX_GRAPHS = 8
 
 class _Chain:
     """A run of modules that one linear_chain op computes: an optional leading
-    ``Flatten(1, -1)``, then linear layers, each followed by at most one activation."""
+    ``Flatten(1, -1)``, then linear layers, each followed by at most one activation.
+
+    At batch 1 the op computes for a few microseconds, so the call around it must cost
+    less: the layers' tensors are read straight from their ``_buffers``/``_parameters``
+    dicts (a module's attribute lookup is a Python-level fallback), the op's arguments are
+    bound once (:func:`sparsevd.backends.bind_linear_chain`) and bound again only when a
+    layer holds other tensors (``load_state_dict``, ``.to()``) or an activation another
+    parameter, and a CSR layer's indices are checked again only when their version counters
+    say they were edited.
+    """
 
     def __init__(self, flatten, layers, activations):
         self.flatten = flatten
         self.layers = layers  # linear modules
+        self.sparse = [layer for layer in layers if isinstance(layer, SparseLinear)]
+        self.in_features = layers[0].in_features
         self.activations = activations  # the activation module after each layer, or None
+        self.codes = [0 if a is None else _ACTIVATIONS[type(a)](a)[0] for a in activations]
+        self._bound = None  # (the tensors and parameters it was bound with, the bound call)
+
+    def _state(self):
+        """The tensors the layers hold now and the activations' parameters, flat."""
+        state = []
+        for layer in self.layers:
+            if type(layer) is SparseLinear:
+                buffers = layer._buffers
+                state += (buffers["values"], buffers["crow_indices"], buffers["col_indices"])
+            else:
+                state += (layer._parameters["weight"], None, None)
+            state.append(layer._parameters["bias"])
+        state += [0.0 if a is None else _ACTIVATIONS[type(a)](a)[1] for a in self.activations]
+        return state
+
+    def _bind(self, state):
+        for layer in self.sparse:  # indices replaced or edited since their layer checked them
+            if layer._checked != layer._structure_key():
+                layer._recheck()
+        n = len(self.layers)
+        call = backends.bind_linear_chain(state[0:4 * n:4], state[1:4 * n:4], state[2:4 * n:4], state[3:4 * n:4],
+                                          self.codes, state[4 * n:], self.in_features, self.flatten,
+                                          type(self.layers[0]).__name__)
+        self._bound = (state, call)
+        return call
 
     def __call__(self, x):
-        if self.flatten:
-            x = x.flatten(1)
-        first = self.layers[0]
-        if x.dim() == 0 or x.shape[-1] != first.in_features:
-            raise ValueError(f"{type(first).__name__}: expected input of shape [*, {first.in_features}], "
-                             f"got {tuple(x.shape)}")
-        weights, crows, cols, biases, codes, params = [], [], [], [], [], []
-        for layer, activation in zip(self.layers, self.activations):
-            if isinstance(layer, SparseLinear):
-                if layer._checked != layer._structure_key():
-                    layer._recheck()
-                weights.append(layer.values)
-                crows.append(layer.crow_indices)
-                cols.append(layer.col_indices)
-            else:
-                weights.append(layer.weight)
-                crows.append(None)
-                cols.append(None)
-            biases.append(layer.bias)
-            code, param = (0, 0.0) if activation is None else _ACTIVATIONS[type(activation)](activation)
-            codes.append(code)
-            params.append(param)
-        lead = x.shape[:-1]
-        if x.dim() != 2:
-            x = x.reshape(-1, x.shape[-1])
-        y = torch.ops.sparsevd.linear_chain(x, weights, crows, cols, biases, codes, params)
-        return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
+        state, bound = self._state(), self._bound
+        if torch.compiler.is_compiling():  # a traced graph holds the op and its arguments, not a bound call
+            n = len(self.layers)
+            args = (state[0:4 * n:4], state[1:4 * n:4], state[2:4 * n:4], state[3:4 * n:4], self.codes, state[4 * n:])
+            return backends.call_linear_chain(args, self.in_features, self.flatten, type(self.layers[0]).__name__, x)
+        if bound is None or len(bound[0]) != len(state) or not all(map(operator.is_, bound[0], state)) \
+                or bound[1].stale():
+            return self._bind(state)(x)
+        return bound[1](x)
 
 
 def _plan(modules):
@@ -123,18 +144,21 @@ class FusedSequential(nn.Sequential):
         self._graphs = OrderedDict()
 
     def _steps(self):
-        # Children replaced or added since the last call: plan again.
-        key = tuple(map(id, self._modules.values()))
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, _plan(list(self._modules.values())))
-        return self._plan[1]
+        # Children replaced, added or removed since the last call: plan again.
+        plan, modules = self._plan, self._modules.values()
+        if plan is None or len(plan[0]) != len(modules) or not all(map(operator.is_, plan[0], modules)):
+            plan = self._plan = (list(modules), _plan(list(modules)))
+        return plan[1]
 
     def forward(self, input):
+        steps = self._steps()
         if self.training or (torch.is_grad_enabled() and (input.requires_grad or self._trainable())):
             return super().forward(input)
         if self.cuda_graphs and input.is_cuda and not torch.compiler.is_compiling():
             return self._replay(input)
-        return self._run(input)
+        for step in steps:
+            input = step(input)
+        return input
 
     def _trainable(self):
         return any(p.requires_grad for p in self.parameters())
