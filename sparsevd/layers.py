@@ -26,6 +26,7 @@ variances of the kept weights) train on the data term.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -52,11 +53,9 @@ def _variant(alpha):
 
 def _is_dtensor(tensor):
     """Whether ``tensor`` is a DTensor: a parameter sharded by FSDP2, outside the forward."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    # no DTensor exists before its module is imported, so this never imports it
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class _CachedMaskedWeight(torch.autograd.Function):
