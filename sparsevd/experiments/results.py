@@ -266,7 +266,7 @@ def _epochs_text(s):
     if tuned:
         trained = s["epochs_done"] - tuned["epochs"]
         return f"{s['epochs_done']} epochs ({trained} SparseVD + {tuned['epochs']} fine-tuning)"
-    return f"{s['epochs_done']} epochs"
+    return plural(s["epochs_done"], "epoch")
 
 
 def _processes_text(s):
