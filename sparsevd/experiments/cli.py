@@ -1,6 +1,8 @@
 """The training command, ``sparsevd-train`` / ``python -m sparsevd.train``: flags in
-:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, checkpoints in
-:mod:`.checkpoints`, the report in :mod:`.results` and :mod:`.plots`."""
+:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, several processes in
+:mod:`.distributed`, checkpoints in :mod:`.checkpoints`, the report in :mod:`.results` and
+:mod:`.plots`. Two phases: the training epochs, then (--finetune-epochs) the fine-tuning
+with the masks fixed."""
 
 from __future__ import annotations
 
