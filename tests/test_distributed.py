@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import sparsevd
-from sparsevd.experiments import checkpoints, cli, config, distributed, loop, results
+from sparsevd.experiments import checkpoints, cli, config, distributed, loop
 from sparsevd.experiments.distributed import World
 
 WORLD = 2
