@@ -321,9 +321,11 @@ def results_markdown(s, rep, dense=None):
                   "|---|---|---|---|---|"]
         lines += [f"| {name} fine-tuning | {m['test_error']:.2f} | {m['val_error']:.2f} | {m['train_error']:.2f} | "
                   f"{_ratio(m['compression'])} |" for name, m in (("before", before), ("after", after))]
+        lines.append("")
     if rep is not None:
         how = "chosen on the validation split" if s["threshold_chosen"] else "given"
-        lines += [f"Kept weights: log α < {s['threshold']:g} ({how}); the epoch lines of train.log count them at "
+        epochs = "SparseVD epoch lines (the fine-tuning ones: the fixed mask)" if tuned else "epoch lines"
+        lines += [f"Kept weights: log α < {s['threshold']:g} ({how}); the {epochs} of train.log count them at "
                   f"the layers' threshold during training, log α < {s['training_threshold']}. KL weight "
                   f"{s['kl_weight']:g} after the warm-up.", "", "```", str(rep), "```",
                   "", "Validation error against compression, by threshold (the trade-off; tradeoff.png):", "",
