@@ -14,7 +14,8 @@ from .sbp import SBPDropout, sbp_modules
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
-from .training import KLWarmup, SGVLBLoss, compression, kl_divergence, sgvlb, sparsevd_modules
+from .training import (KLWarmup, SGVLBLoss, compression, freeze_masks, kl_divergence, sgvlb, sparsevd_modules,
+                       unfreeze_masks)
 from .likelihoods import GaussianLikelihood
 from .training import CollapseWarning
 
@@ -41,6 +42,8 @@ __all__ = [
     "KLWarmup",
     "SGVLBLoss",
     "compression",
+    "freeze_masks",
+    "unfreeze_masks",
     "kl_divergence",
     "sgvlb",
     "sparsevd_modules",

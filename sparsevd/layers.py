@@ -26,6 +26,7 @@ variances of the kept weights) train on the data term.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -48,6 +49,13 @@ def _variant(alpha):
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"a fixed alpha must be a finite number > 0, got {alpha}")
     return "fixed"
+
+
+def _is_dtensor(tensor):
+    """Whether ``tensor`` is a DTensor: a parameter sharded by FSDP2, outside the forward."""
+    # no DTensor exists before its module is imported, so this never imports it
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 class _CachedMaskedWeight(torch.autograd.Function):
@@ -192,14 +200,45 @@ class SparseVDModule(nn.Module):
         Every weight contributes the KL of its own factor N(θ, α·θ²), so with a shared α
         the layer's KL is the KL at that α times the number of weights sharing it (the
         same Molchanov et al. approximation as per weight). A fixed α gives a constant.
+
+        With the parameters sharded by FSDP2 (``fully_shard``), every rank must call it:
+        it sums the shards' KL over the ranks (see :meth:`_sharded_kl`).
         """
         if self.variant == "weight":
+            if _is_dtensor(self.weight):
+                return self._sharded_kl()
             return F.kl_divergence(self.weight, self.log_sigma2, self.log_alpha_range)
         raw = self._raw_variance()
         acc = torch.float64 if raw.dtype == torch.float64 else torch.float32
         per_alpha = reference.kl_from_log_alpha(torch.clamp(raw.to(acc), *self.log_alpha_range))
         sharing = self.weight.numel() // raw.numel() if raw.numel() else 0
-        return per_alpha.sum() * sharing
+        total = per_alpha.sum() * sharing
+        # sharded by FSDP2: torch's ops on the DTensors leave a partial sum per rank; full_tensor()
+        # all-reduces it, and each shard gets its own gradient once (see _sharded_kl)
+        return total.full_tensor() if _is_dtensor(total) else total
+
+    def _sharded_kl(self):
+        """The KL of a layer whose θ and log σ² are sharded by FSDP2 (``fully_shard``: they
+        are DTensors outside the forward), on every rank.
+
+        The KL is a sum over weights, so each rank runs the kernel on its own shards and
+        the partial sums are all-reduced. The gradient reaching each shard is that of its
+        own weights' KL, once: FSDP averages the data term's gradients over the ranks,
+        while this term reaches the sharded parameters directly, so a loss with the whole
+        KL / N on every rank gets the gradient of the one-process loss. (Hence, when the
+        ranks' batches differ in size, weigh their data terms, not the KL.)"""
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        weight, log_sigma2 = self.weight, self.log_sigma2
+        if not _is_dtensor(log_sigma2) or (log_sigma2.device_mesh, log_sigma2.placements) != (
+                weight.device_mesh, weight.placements):
+            raise NotImplementedError(
+                f"{type(self).__name__}.kl(): weight and log_sigma2 must be sharded alike (FSDP2's fully_shard "
+                "shards both along dim 0 by default); a shard_placement_fn that splits them differently is not "
+                "supported")
+        local = F.kl_divergence(weight.to_local(), log_sigma2.to_local(), self.log_alpha_range)
+        partial = [Partial() if p.is_shard() else Replicate() for p in weight.placements]
+        return DTensor.from_local(local, weight.device_mesh, partial).full_tensor()
 
     def eval_weight(self):
         """(θ ⊙ mask, mask): what the eval forward multiplies with.
@@ -253,6 +292,8 @@ class SparseVDModule(nn.Module):
         with torch.no_grad():
             mask = self.mask().clone()
             self.weight.mul_(mask)
+        if _is_dtensor(mask):  # θ sharded by FSDP2: the buffer is whole, as FSDP keeps buffers
+            mask = mask.full_tensor()
         self.frozen_mask = mask
         self.frozen_noise = bool(noise)
         return self

@@ -192,6 +192,31 @@ class KLWarmup:
         return self.max_weight * (epoch - self.start) / (self.end - self.start)
 
 
+def freeze_masks(model, noise=False):
+    """Fix the pruning mask of every SparseVD layer of ``model`` for fine-tuning (see
+    :meth:`SparseVDModule.freeze_mask`): each layer keeps the weights its mask keeps now
+    (log α below its ``threshold``: set the threshold first), the pruned ones are set to
+    zero and stay exactly zero, and training trains θ and the biases (with ``noise=True``
+    also the variances of the kept weights) on whatever loss it is given; for fine-tuning
+    that is the data term alone, without the KL. The masks are buffers: they travel with
+    the state dict. Returns the frozen layers."""
+    layers = [layer for _, layer in sparsevd_modules(model)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no SparseVD layers to freeze")
+    for layer in layers:
+        layer.freeze_mask(noise=noise)
+    return layers
+
+
+def unfreeze_masks(model):
+    """Undo :func:`freeze_masks`: every SparseVD layer's mask follows log α and the
+    threshold again. Returns the layers."""
+    layers = [layer for _, layer in sparsevd_modules(model)]
+    for layer in layers:
+        layer.unfreeze_mask()
+    return layers
+
+
 def compression(model):
     """(kept, total) weight counts over the SparseVD layers of ``model``."""
     kept = total = 0

@@ -243,9 +243,9 @@ def test_the_warmup_ramps_at_every_step_and_kl_weight_scales_it(tmp_path, monkey
     root = _idx_dir(tmp_path / "data", n_train=250)
     factors, real_step = [], loop.step
 
-    def step(model, optimizer, loss_fn, x, y, warmup):
+    def step(model, optimizer, loss_fn, x, y, warmup, share=1.0):
         factors.append(warmup)
-        return real_step(model, optimizer, loss_fn, x, y, warmup)
+        return real_step(model, optimizer, loss_fn, x, y, warmup, share)
 
     monkeypatch.setattr(loop, "step", step)
     out = tmp_path / "run"
@@ -281,8 +281,11 @@ def test_runs_too_short_for_their_schedule_are_warned_about(tmp_path):
     assert len(late) == 1 and "reaches only 0.33 of 1" in late[0]
 
 
+_real_step = loop.step
+
+
 def _interrupt_after(monkeypatch, steps):
-    real_step, calls = loop.step, []
+    real_step, calls = _real_step, []
 
     def step(*args):
         calls.append(1)
@@ -295,7 +298,7 @@ def _interrupt_after(monkeypatch, steps):
 
 @pytest.fixture
 def no_finish(monkeypatch):
-    monkeypatch.setattr(results, "write_results", lambda *args: None)
+    monkeypatch.setattr(results, "write_results", lambda *args, **kwargs: None)
 
 
 def test_resume_after_interrupt_ends_like_an_uninterrupted_run(tmp_path, monkeypatch, no_finish):
@@ -309,7 +312,7 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(tmp_path, monkeyp
     path = str(tmp_path / "broken" / checkpoints.CHECKPOINT)
     assert checkpoints.load_checkpoint(path, torch.load(path, weights_only=True)["config"], "cpu")["epoch"] == 1
     monkeypatch.undo()
-    monkeypatch.setattr(results, "write_results", lambda *args: None)
+    monkeypatch.setattr(results, "write_results", lambda *args, **kwargs: None)
     cli.run(_args(tmp_path / "broken", *flags, "--resume"))
 
     straight = torch.load(tmp_path / "straight" / checkpoints.CHECKPOINT, weights_only=True)
@@ -318,7 +321,7 @@ def test_resume_after_interrupt_ends_like_an_uninterrupted_run(tmp_path, monkeyp
     for name, value in straight["model"].items():
         assert torch.equal(resumed["model"][name], value), name
     assert resumed["optimizer"]["state"][0]["step"] == straight["optimizer"]["state"][0]["step"]
-    strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    strip = lambda h: [{k: v for k, v in row.items() if "seconds" not in k} for row in h]  # noqa: E731
     assert strip(resumed["history"]) == strip(straight["history"])
     assert "resumed" in (tmp_path / "broken" / "train.log").read_text()
 
@@ -332,7 +335,7 @@ def test_bad_checkpoints_are_reported_not_loaded(tmp_path, monkeypatch, no_finis
     cli.run(flags)
     path = out / checkpoints.CHECKPOINT
     finished = []
-    monkeypatch.setattr(results, "write_results", lambda *args: finished.append(args))
+    monkeypatch.setattr(results, "write_results", lambda *args, **kwargs: finished.append(args))
     _interrupt_after(monkeypatch, 0)
     cli.run(flags + ["--resume"])  # a finished run resumed only redoes the results
     assert len(finished) == 1
@@ -399,3 +402,101 @@ def test_bad_init_from_is_reported(tmp_path, capsys, no_finish):
     (dense_out / checkpoints.CHECKPOINT).write_bytes(b"garbage")
     with pytest.raises(checkpoints.CheckpointError, match="--init-from: .* is corrupt or not a checkpoint"):
         cli.run(_args(tmp_path / "new", *data, "--init-from", str(dense_out)))
+
+
+# ------------------------------------------------------------------- fine-tuning
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_finetuning_fixes_the_mask_at_the_chosen_threshold_and_reports_before_and_after(tmp_path, monkeypatch,
+                                                                                        noise):
+    monkeypatch.setattr(plots, "plot_run", lambda *args: [])  # drawn in the run above; slow on 2 cores
+    root = _idx_dir(tmp_path / "data", n_train=300, n_test=100)
+    states, real_save = [], cli.Run.save
+
+    def save(run):  # the model at every checkpoint
+        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_save(run)
+
+    monkeypatch.setattr(cli.Run, "save", save)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(root), "--epochs", "3", "--batch-size", "30", "--kl-weight", "0.05", "--lr", "1e-2",
+             "--finetune-epochs", "2"] + (["--finetune-noise"] if noise else [])
+    summary = cli.run(_args(out, *flags))
+    tuned = summary["finetune"]
+    assert tuned["epochs"] == 2 and tuned["noise"] == noise and tuned["lr"] == 1e-2  # --lr
+    before, after = tuned["before"], tuned["after"]
+    assert after["test_error"] == summary["test_error"] and after["compression"] == summary["compression"]
+    assert before["kept"] == after["kept"] < after["total"]  # the mask stayed where it was fixed
+    assert summary["test_error"] < 10
+    # states: 3 epochs, the start of fine-tuning, 2 fine-tuning epochs
+    assert len(states) == 6 and "1.frozen_mask" not in states[2] and "1.frozen_mask" in states[3]
+    start, end = states[3], states[-1]
+    for layer in ("1", "3", "5"):
+        mask = end[f"{layer}.frozen_mask"]
+        assert torch.equal(mask, start[f"{layer}.frozen_mask"])
+        # fixed at the chosen threshold from the log α the SparseVD epochs ended with
+        log_alpha = sparsevd.reference.log_alpha(states[2][f"{layer}.weight"], states[2][f"{layer}.log_sigma2"])
+        assert torch.equal(mask, log_alpha < summary["threshold"])
+        assert torch.count_nonzero(end[f"{layer}.weight"][~mask]) == 0  # the pruned weights stay exactly zero
+        assert not torch.equal(end[f"{layer}.weight"], start[f"{layer}.weight"])  # the kept ones trained
+        # log σ² trains only with the noise (on the data term: no KL)
+        assert torch.equal(end[f"{layer}.log_sigma2"], start[f"{layer}.log_sigma2"]) != noise
+    history = torch.load(out / checkpoints.CHECKPOINT, weights_only=True)["history"]
+    assert [h["phase"] for h in history] == ["train"] * 3 + ["finetune"] * 2
+    assert [h["kl_weight"] for h in history[3:]] == [0.0, 0.0]
+    assert [h["lr"] for h in history[3:]] == pytest.approx([1e-2, 1e-3])  # its own schedule, to lr · lr_end
+    log, text = (out / "train.log").read_text(), (out / "results.md").read_text()
+    assert f"fine-tuning for 2 epochs: mask fixed at log α < {summary['threshold']:g}" in log
+    assert "epoch   5/5  fine-tuning" in log and "mask fixed at log α <" in log
+    assert "5 epochs (3 SparseVD + 2 fine-tuning)" in text
+    assert "| LeNet-300-100 | SparseVD, before fine-tuning |" in text and "| SparseVD, fine-tuned 2 epochs |" in text
+    assert f"| before fine-tuning | {before['test_error']:.2f} |" in text
+    assert ("with the kept weights' noise" if noise else "without the kept weights' noise") in text
+    # fine-tuned without noise there is no posterior left to sample
+    assert bool(summary["uncertainty"]) == noise and ("No uncertainty summary" in text) != noise
+
+
+def test_finetuning_resumes_in_either_phase_and_a_finished_run_can_be_finetuned(tmp_path, monkeypatch, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=250)
+    flags = ["--data-dir", str(root), "--epochs", "2", "--batch-size", "45", "--finetune-epochs", "2"]
+    cli.run(_args(tmp_path / "straight", *flags))
+    straight = torch.load(tmp_path / "straight" / checkpoints.CHECKPOINT, weights_only=True)
+    strip = lambda h: [{k: v for k, v in row.items() if "seconds" not in k} for row in h]  # noqa: E731
+    # 5 steps per epoch: stopped in the second SparseVD epoch, and in the second fine-tuning epoch
+    for name, steps in (("in-training", 7), ("in-finetuning", 17)):
+        _interrupt_after(monkeypatch, steps)
+        with pytest.raises(KeyboardInterrupt):
+            cli.run(_args(tmp_path / name, *flags))
+        monkeypatch.setattr(loop, "step", _real_step)
+        cli.run(_args(tmp_path / name, *flags, "--resume"))
+        resumed = torch.load(tmp_path / name / checkpoints.CHECKPOINT, weights_only=True)
+        for key, value in straight["model"].items():
+            assert torch.equal(resumed["model"][key], value), (name, key)
+        assert strip(resumed["history"]) == strip(straight["history"]) and resumed["finetune"] == straight["finetune"]
+    # once fine-tuning has begun, its settings are part of the run
+    with pytest.raises(checkpoints.CheckpointError, match=r"\(finetune_noise: checkpoint False, now True"):
+        cli.run(_args(tmp_path / "straight", *flags, "--finetune-noise", "--resume"))
+    # a run trained without fine-tuning is fine-tuned by resuming it with --finetune-epochs
+    plain = ["--data-dir", str(root), "--epochs", "2", "--batch-size", "45"]
+    cli.run(_args(tmp_path / "later", *plain))
+    cli.run(_args(tmp_path / "later", *plain, "--finetune-epochs", "2", "--resume"))
+    later = torch.load(tmp_path / "later" / checkpoints.CHECKPOINT, weights_only=True)
+    assert later["epoch"] == 4 and later["finetune"]["threshold"] == straight["finetune"]["threshold"]
+    for key, value in straight["model"].items():
+        assert torch.equal(later["model"][key], value), key
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--finetune-noise"], "--finetune-noise applies only with --finetune-epochs"),
+    (["--finetune-lr", "1e-3"], "--finetune-lr applies only with --finetune-epochs"),
+    (["--finetune-epochs", "2", "--method", "dense"], "fine-tunes a pruned network with its mask fixed"),
+    (["--finetune-epochs", "-1"], "--finetune-epochs must be ≥ 0"),
+    (["--finetune-epochs", "2", "--finetune-lr", "0"], "--finetune-lr must be a finite number > 0"),
+    (["--threads", "0"], "--threads must be ≥ 1"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a finite number of seconds > 0"),
+])
+def test_bad_finetuning_and_process_flags_are_reported(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        cli.run(_args(tmp_path, *flags))
+    assert message in capsys.readouterr().err

@@ -177,3 +177,35 @@ def test_short_training_run_learns_and_prunes():
     acc = accuracy(model, test_x, test_y)
     assert acc > 0.6, f"accuracy {acc:.2f}"
     assert kept / total < 0.25, f"kept {kept}/{total}"
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_freeze_masks_fixes_every_layer_for_fine_tuning(noise):
+    torch.manual_seed(0)
+    model = _mlp()
+    with torch.no_grad():  # a partly pruned network: about half of each layer's log α above 3
+        for _, layer in sparsevd.sparsevd_modules(model):
+            layer.log_sigma2.copy_(torch.log(layer.weight ** 2) + 6 * torch.rand_like(layer.weight))
+    masks = [layer.mask().clone() for _, layer in sparsevd.sparsevd_modules(model)]
+    assert all(0 < m.sum() < m.numel() for m in masks)
+    frozen = sparsevd.freeze_masks(model, noise=noise)
+    assert frozen == [model[0], model[3]] and all(layer.frozen_noise == noise for layer in frozen)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = torch.randn(32, 6), torch.randint(0, 2, (32,))
+    for _ in range(5):  # the data term alone, as in fine-tuning
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for layer, mask in zip(frozen, masks):
+        assert torch.equal(layer.mask(), mask)
+        assert torch.count_nonzero(layer.weight[~mask]) == 0  # the pruned weights are exactly zero
+        assert torch.count_nonzero(layer.weight[mask]) == mask.sum()
+    fresh = _mlp()
+    fresh.load_state_dict(model.state_dict())
+    assert all(torch.equal(layer.mask(), mask) for (_, layer), mask in zip(sparsevd.sparsevd_modules(fresh), masks))
+    assert sparsevd.unfreeze_masks(model) == frozen and all(layer.frozen_mask is None for layer in frozen)
+    model[0].threshold = 100.0
+    assert model[0].kept_weights() == model[0].total_weights()  # the mask follows the threshold again
+    with pytest.raises(ValueError, match="Linear has no SparseVD layers to freeze"):
+        sparsevd.freeze_masks(nn.Linear(2, 2))

@@ -9,7 +9,7 @@ import torch
 
 import sparsevd
 
-from .config import INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
+from .config import FINETUNE_SETTINGS, INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
 from .models import MODELS, NETWORK_NAMES
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,14 +42,19 @@ def read_checkpoint(path, device, flag, prefix="", advice=""):
 
 
 def load_checkpoint(path, config, device):
-    """The checkpoint at ``path`` as a dict, after checking it belongs to this run."""
+    """The checkpoint at ``path`` as a dict, after checking it belongs to this run: the
+    settings of the run, and those of the fine-tuning once it has begun."""
     state = read_checkpoint(path, device, "--resume", advice="; delete it to start over")
     saved = state["config"]
-    differ = [f"{k}: checkpoint {saved.get(k, SETTINGS_BEFORE.get(k))!r}, now {config[k]!r}" for k in RUN_SETTINGS
-              if saved.get(k, SETTINGS_BEFORE.get(k)) != config[k]]
+    settings = RUN_SETTINGS + (FINETUNE_SETTINGS if state.get("finetune") is not None else ())
+    differ = [k for k in settings if saved.get(k, SETTINGS_BEFORE.get(k)) != config[k]]
     if differ:
-        raise CheckpointError(f"{path} was written by a different run ({'; '.join(differ)}); "
-                              "use the same settings or another --out")
+        what = "; ".join(f"{k}: checkpoint {saved.get(k, SETTINGS_BEFORE.get(k))!r}, now {config[k]!r}" for k in differ)
+        advice = "use the same settings or another --out"
+        if "world_size" in differ:
+            advice = (f"resume with the same number of processes (torchrun --nproc-per-node "
+                      f"{saved.get('world_size', 1)} ...), the other settings the same, or use another --out")
+        raise CheckpointError(f"{path} was written by a different run ({what}); {advice}")
     return state
 
 

@@ -1,9 +1,12 @@
 """The training command, ``sparsevd-train`` / ``python -m sparsevd.train``: flags in
-:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, checkpoints in
-:mod:`.checkpoints`, the report in :mod:`.results` and :mod:`.plots`."""
+:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, several processes in
+:mod:`.distributed`, checkpoints in :mod:`.checkpoints`, the report in :mod:`.results` and
+:mod:`.plots`. Two phases: the training epochs, then (--finetune-epochs) the fine-tuning
+with the masks fixed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -13,12 +16,13 @@ import sys
 import time
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import sparsevd
 
-from . import config, loop, plots, results
+from . import config, distributed, loop, plots, results
 from .checkpoints import (CHECKPOINT, CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_pretrained,
                           save_checkpoint)
 from .data import load_data
@@ -32,15 +36,18 @@ class Run:
     c: object  # the checked flags
     config: dict  # the flags as saved in the checkpoint, with the command line
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
     data: dict
     log: logging.Logger
+    world: distributed.World = distributed.SINGLE
+    optimizer: torch.optim.Optimizer = None  # of the current phase, made by setup()
+    scheduler: object = None
+    trained: torch.nn.Module = None  # what the steps call: the model, or its DistributedDataParallel wrapper
     history: list = dataclasses.field(default_factory=list)
     snapshots: dict = dataclasses.field(default_factory=lambda: {"epochs": [], "conv": [], "fc": []})
     warnings: list = dataclasses.field(default_factory=list)  # lines for results.md
     collapse_reported: bool = False
-    epoch: int = 0  # epochs done
+    epoch: int = 0  # epochs done, fine-tuning included
+    finetune: dict = None  # once fine-tuning has begun: its threshold and what it started from
 
     @property
     def checkpoint_path(self):
@@ -56,7 +63,33 @@ class Run:
         for key in ("conv", "fc"):
             self.snapshots[key].append(snap.get(key))
 
+    def setup(self):
+        """The optimizer, lr schedule and (with several processes) DDP wrapper of the
+        current phase: the training epochs, or the fine-tuning with the masks fixed."""
+        c, device = self.c, torch.device(self.c.device)
+        if self.finetune is None:
+            params, lr, epochs = list(self.model.parameters()), c.lr, c.epochs
+        else:
+            # Fixing the masks again after a resume changes nothing (the masks came with
+            # the state dict, the pruned weights are zero); it sets the noise mode, which
+            # the state dict does not hold.
+            for layer in sparsevd.freeze_masks(self.model, noise=c.finetune_noise):
+                layer.threshold = self.finetune["threshold"]
+                # without the noise the data term gives log σ² no gradient: leave it out of
+                # the optimizer and of DDP, which waits for a gradient of every parameter
+                for name, param in layer.named_parameters(recurse=False):
+                    if name not in ("weight", "bias"):
+                        param.requires_grad_(c.finetune_noise)
+            params, lr, epochs = [p for p in self.model.parameters() if p.requires_grad], c.finetune_lr, \
+                c.finetune_epochs
+        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, c.lr_end,
+                                                           total_iters=max(epochs - 1, 1))
+        self.trained = distributed.wrap(self.model, self.world, device, replaces=self.trained)
+
     def save(self):
+        if not self.world.main:
+            return
         device = torch.device(self.c.device)
         save_checkpoint(self.checkpoint_path, {
             "format": CHECKPOINT_FORMAT, "config": self.config, "epoch": self.epoch,
@@ -64,16 +97,28 @@ class Run:
             "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "history": self.history, "snapshots": self.snapshots, "warnings": self.warnings,
-            "collapse_reported": self.collapse_reported,
+            "collapse_reported": self.collapse_reported, "finetune": self.finetune,
         })
 
-    def restore(self, state):
+    @contextlib.contextmanager
+    def _fitting(self):
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            yield
         except (RuntimeError, ValueError, KeyError) as error:
             raise CheckpointError(f"{self.checkpoint_path} does not fit this model: {error}") from None
+
+    def restore(self, state):
+        """Continue from the checkpoint ``state``, in the phase it was written in.
+
+        Rank 0's random state is restored on every rank: the ranks draw the same seeds from
+        torch's generator, step for step (each mixes its rank into them), so it is theirs too."""
+        with self._fitting():
+            self.model.load_state_dict(state["model"])
+        self.finetune = state.get("finetune")  # none in checkpoints from before fine-tuning existed
+        self.setup()
+        with self._fitting():
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         device = torch.device(self.c.device)
         if device.type == "cuda" and state.get("rng_cuda") is not None:
@@ -84,11 +129,16 @@ class Run:
         self.collapse_reported = state.get("collapse_reported", False)
 
 
-def _logger(out):
+def _logger(out, world):
+    """The run's log: train.log and the console on rank 0, nothing on the other ranks
+    (their errors end their process, and torchrun reports them)."""
     log = logging.getLogger(f"sparsevd.train.{os.path.abspath(out)}")
     log.setLevel(logging.INFO)
     log.propagate = False
     _close_handlers(log)
+    log.disabled = not world.main  # not a handler: logging_redirect_tqdm adds one to the console
+    if not world.main:
+        return log
     file_handler = logging.FileHandler(os.path.join(out, "train.log"))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stderr)  # routed around the progress bars by logging_redirect_tqdm
@@ -104,43 +154,60 @@ def _close_handlers(log):
         handler.close()
 
 
+def _launcher(world):
+    """How the command was started, for the command line that results.md repeats."""
+    if world.size == 1:
+        return ["python", "-m", "sparsevd.train"]
+    if world.size == world.local_size:
+        return ["torchrun", "--standalone", "--nproc-per-node", str(world.size), "-m", "sparsevd.train"]
+    return ["torchrun", "--nnodes", str(world.size // world.local_size), "--nproc-per-node", str(world.local_size),
+            "-m", "sparsevd.train"]
+
+
 def _configure(argv):
-    """The checked flags and the config dict a checkpoint keeps; bad flags exit with usage."""
+    """The checked flags, the config dict a checkpoint keeps and this process's place in
+    the job; bad flags exit with usage (on every rank alike, before any communication)."""
     parser = config.build_parser()
     c = parser.parse_args(argv)
     try:
-        config.check_config(c)
+        world = distributed.current_world()
+        config.check_config(c, world)
         if c.compare_dense:
             results.read_summary(c.compare_dense)  # now rather than after hours of training
     except ValueError as error:
         parser.error(str(error))
     saved = dict(vars(c))
-    saved["command"] = shlex.join(["python", "-m", "sparsevd.train"] + list(sys.argv[1:] if argv is None else argv))
-    return c, saved
+    saved["command"] = shlex.join(_launcher(world) + list(sys.argv[1:] if argv is None else argv))
+    return c, saved, world
 
 
 def train_epochs(run, epochs, loss_fn, warmup):
     """Train ``run`` on until ``epochs`` epochs are done: per epoch, the steps (the KL
-    warm-up per step), validation, the collapse check, a checkpoint and a log line."""
-    c, data, model = run.c, run.data, run.model
+    warm-up per step; None: no KL in the loss), validation, the collapse check, a
+    checkpoint and a log line. The metrics are summed over the ranks."""
+    c, data, model, world = run.c, run.data, run.model, run.world
     bayesian = bool(sparsevd.sparsevd_modules(model))
-    n_batches = math.ceil(len(data["train_y"]) / c.batch_size)
+    n_train = len(data["train_y"])
+    n_batches = len(world.batches(torch.arange(n_train), c.batch_size))
     train_chance = loop.chance(data["train_y"])
     snap_at = set(plots.snapshot_epochs(c.epochs))
+    phase = "finetune" if run.finetune is not None else "train"
     for epoch in range(run.epoch, epochs):
         t0 = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         with tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", leave=False,
-                  dynamic_ncols=True, disable=None) as bar:
-            stats = loop.train_epoch(model, run.optimizer, loss_fn, data["train_x"], data["train_y"], c.batch_size,
-                                     epoch, warmup if bayesian else None, bar)
+                  dynamic_ncols=True, disable=None if world.main else True) as bar:
+            stats = loop.train_epoch(run.trained, run.optimizer, loss_fn, data["train_x"], data["train_y"],
+                                     c.batch_size, epoch, warmup, bar, distributed.epoch_order(n_train, c.seed, epoch),
+                                     world)
         run.scheduler.step()
         kept, total = sparsevd.compression(model) if bayesian else (0, 0)
-        kl_weight = c.kl_weight * stats.warmup if bayesian else 0.0
-        row = {"epoch": epoch + 1, "loss": stats.loss, "train_acc": stats.accuracy, "kl_weight": kl_weight,
-               "lr": lr, "val_error": loop.error_rate(model, data["val_x"], data["val_y"]), "kept": kept,
+        kl_weight = c.kl_weight * stats.warmup if warmup is not None else 0.0
+        row = {"epoch": epoch + 1, "phase": phase, "loss": stats.loss, "train_acc": stats.accuracy,
+               "kl_weight": kl_weight, "lr": lr,
+               "val_error": loop.error_rate(model, data["val_x"], data["val_y"], world=world), "kept": kept,
                "total": total, "threshold": loop.threshold_of(model) if bayesian else None,
-               "seconds": time.perf_counter() - t0}
+               "step_seconds": stats.seconds, "seconds": time.perf_counter() - t0}
         run.history.append(row)
         run.epoch = epoch + 1
         if run.epoch in snap_at:
@@ -148,9 +215,11 @@ def train_epochs(run, epochs, loss_fn, warmup):
         comp = ""
         if bayesian:
             ratio = f"{total / kept:6.1f}×" if kept else "∞ (all pruned)"
-            comp = f"  compression {ratio} at log α < {row['threshold']}  KL weight {kl_weight:.2f}"
-        run.log.info(f"epoch {epoch + 1:3d}/{epochs}  loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  "
-                     f"val error {row['val_error']:.2f}%{comp}  ({row['seconds']:.1f} s)")
+            where = "mask fixed at" if phase == "finetune" else "at"
+            comp = f"  compression {ratio} {where} log α < {row['threshold']}  KL weight {kl_weight:.2f}"
+        run.log.info(f"epoch {epoch + 1:3d}/{epochs}{'  fine-tuning' if phase == 'finetune' else ''}  "
+                     f"loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  val error {row['val_error']:.2f}%{comp}  "
+                     f"({row['seconds']:.1f} s, {n_train / stats.seconds:,.0f} examples/s)")
         if bayesian and not run.collapse_reported:
             line = results.collapse_warning(c.random_labels, stats.accuracy, train_chance, kept, total)
             if line:
@@ -159,51 +228,94 @@ def train_epochs(run, epochs, loss_fn, warmup):
         run.save()
 
 
+def start_finetune(run):
+    """Fix the masks at the threshold chosen on the validation split (or --threshold),
+    measure the network as it is, and set up the fine-tuning; checkpointed, so that a
+    resumed run fine-tunes the same masks."""
+    c = run.c
+    selection = results.select_threshold(c, run.model, run.data, run.world)
+    before = results.measure(run.model, run.data, run.world)
+    run.finetune = {**selection, "before": before, "epochs": c.finetune_epochs, "noise": c.finetune_noise,
+                    "lr": c.finetune_lr}
+    run.setup()
+    run.log.info(f"fine-tuning for {results.plural(c.finetune_epochs, 'epoch')}: mask fixed at log α < "
+                 f"{selection['threshold']:g} "
+                 f"({before['compression']:.1f}×; test error {before['test_error']:.2f}%, validation error "
+                 f"{before['val_error']:.2f}%), data term only, {'with' if c.finetune_noise else 'without'} noise, "
+                 f"Adam lr {c.finetune_lr:g} → {c.finetune_lr * c.lr_end:g}")
+    run.save()
+
+
 def run(argv=None):
-    """Train (or resume) and write the results; returns the summary dict."""
-    c, saved = _configure(argv)
+    """Train (or resume) and write the results; returns the summary dict (on rank 0 of
+    several processes; None on the others)."""
+    c, saved, world = _configure(argv)
     device = torch.device(c.device)
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+    elif world.size > 1 and device.type == "cpu":
+        torch.set_num_threads(distributed.threads_per_process(world))
+    with distributed.process_group(world, device, c.dist_timeout):
+        return _run(c, saved, world, device)
+
+
+def _run(c, saved, world, device):
     pretrained = load_pretrained(c, device) if c.init_from and not c.resume else None
-    os.makedirs(c.out, exist_ok=True)
+    if world.main:
+        os.makedirs(c.out, exist_ok=True)
     ckpt_path = os.path.join(c.out, CHECKPOINT)
+    # every rank looks before any can write: rank 0 writes its first checkpoint only after
+    # an epoch of steps that all ranks take together
     if not c.resume and os.path.exists(ckpt_path):
         raise CheckpointError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
-    log = _logger(c.out)
+    log = _logger(c.out, world)
     try:
         data_name, data = load_data(c)
         torch.manual_seed(c.seed)
         model = MODELS[c.model](bayesian=c.method == "sparsevd").to(device)
         if pretrained is not None:
             model.load_state_dict(pretrained[0])
-        optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
-        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, c.lr_end, total_iters=max(c.epochs - 1, 1))
-        state = Run(c, saved, model, optimizer, scheduler, data, log)
+        state = Run(c, saved, model, data, log, world)
         if c.resume:
             checkpoint = load_checkpoint(ckpt_path, saved, device)
             state.restore(checkpoint)
             saved["command"] = checkpoint["config"].get("command", saved["command"])
-            log.info(f"resumed {ckpt_path} after epoch {state.epoch}/{c.epochs}")
+            log.info(f"resumed {ckpt_path} after epoch {state.epoch}/{c.epochs + c.finetune_epochs}")
         else:
+            state.setup()
             log.info(f"command: {saved['command']}")
             log.info(f"{NETWORK_NAMES[c.model]} {c.method} on {data_name}: {len(data['train_y'])} train / "
                      f"{len(data['val_y'])} validation / {len(data['test_y'])} test images"
-                     + (" (random training labels)" if c.random_labels else "") + f"; device {device}")
+                     + (" (random training labels)" if c.random_labels else "") + f"; device {device}"
+                     + (f"; {world.size} processes ({distributed.backend_name(world)}, "
+                        f"{results.plural(torch.get_num_threads(), 'thread')} each), batch "
+                        f"{c.batch_size // world.size} per process" if world.size > 1 else ""))
             if pretrained is not None:
                 log.info(f"initialised from the dense network of {c.init_from} (epoch {pretrained[1]}), "
                          f"log σ² = {c.init_log_sigma2}")
             for line in config.schedule_warnings(c, math.ceil(len(data["train_y"]) / c.batch_size)):
                 state.warn(f"warning: {line}")
             state.record_snapshot()
-        # the loss's own collapse check is off: train_epochs runs the same check per epoch, into the log
-        loss_fn = loop.make_loss(model, len(data["train_y"]), c.kl_weight, check_collapse_every=None)
         with logging_redirect_tqdm([log]):
-            train_epochs(state, c.epochs, loss_fn, sparsevd.KLWarmup(*c.kl_warmup))
+            if state.finetune is None:
+                # the loss's own collapse check is off: train_epochs runs the same check per epoch, into the log
+                loss_fn = loop.make_loss(model, len(data["train_y"]), c.kl_weight, check_collapse_every=None)
+                bayesian = c.method == "sparsevd"
+                train_epochs(state, c.epochs, loss_fn, sparsevd.KLWarmup(*c.kl_warmup) if bayesian else None)
+                if c.finetune_epochs:
+                    start_finetune(state)
+            if state.finetune is not None:
+                train_epochs(state, c.epochs + c.finetune_epochs, loop.data_loss(), None)
+            if not world.main:
+                return None
             return results.write_results(c, saved["command"], model, data, data_name, state.history,
-                                         state.snapshots, state.warnings, log)
+                                         state.snapshots, state.warnings, log, finetune=state.finetune,
+                                         backend=distributed.backend_name(world))
     finally:
         _close_handlers(log)
 
 
+@record
 def main(argv=None):
     try:
         run(argv)

@@ -10,14 +10,21 @@ import torch
 
 import sparsevd
 
-from . import data
+from . import data, distributed
+from .distributed import SINGLE
 from .models import MODELS
 
-#: Settings that define a run: a checkpoint resumes only the run that wrote it.
+#: Settings that define a run: a checkpoint resumes only the run that wrote it. The number
+#: of processes is one of them: another one would split the batches and draw the noise
+#: differently from the run the checkpoint began.
 RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size", "lr", "lr_end", "kl_warmup",
-                "kl_weight", "seed", "val_fraction", "train_size", "random_labels", "init_from", "init_log_sigma2")
+                "kl_weight", "seed", "val_fraction", "train_size", "random_labels", "init_from", "init_log_sigma2",
+                "world_size")
+#: Settings of the fine-tuning, which a checkpoint must share once fine-tuning has begun
+#: (before, they have had no effect: a finished run can be fine-tuned with --resume).
+FINETUNE_SETTINGS = ("finetune_epochs", "finetune_noise", "finetune_lr", "threshold", "threshold_tolerance")
 #: What a setting added since a checkpoint was written meant before it existed.
-SETTINGS_BEFORE = {"kl_weight": 1.0}
+SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1}
 #: Settings a --init-from dense run must share with this one: the same network, and the
 #: same data and validation split, so the threshold is never chosen on images it trained on.
 INIT_SETTINGS = ("model", "dataset", "data_dir", "val_fraction", "random_labels")
@@ -40,6 +47,13 @@ the final number only. Every epoch writes a checkpoint to the output directory, 
 --resume continues from it. --init-from starts SparseVD from a finished dense run instead
 of from scratch (the authors' recipe for pretrained networks: θ from the dense weights,
 log σ² = --init-log-sigma2). --kl-weight trades accuracy for compression.
+--finetune-epochs N then fixes the mask at the threshold chosen on the validation split
+and trains θ and the biases on the data term alone for N more epochs.
+
+Several processes train one model with DistributedDataParallel (gloo on the CPU, nccl on
+CUDA), --batch-size being the global batch:
+
+    torchrun --standalone --nproc-per-node 2 -m sparsevd.train --dataset fashion-mnist ...
 """
 
 
@@ -84,8 +98,23 @@ def build_parser():
                         "value for pretrained networks)")
     p.add_argument("--compare-dense", metavar="RUN_DIR",
                    help="a finished dense run whose row joins this run's results table")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after the SparseVD epochs, fix the mask at the threshold chosen on the validation split "
+                        "(--threshold) and train θ and the biases on the data term alone (no KL) for N more epochs; "
+                        "the pruned weights stay exactly zero")
+    p.add_argument("--finetune-noise", action=argparse.BooleanOptionalAction, default=False,
+                   help="fine-tune with the kept weights' noise (their log σ² trains too) rather than the "
+                        "deterministic masked network (default: without)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="Adam learning rate of the fine-tuning, decaying linearly to FINETUNE_LR · LR_END over its "
+                        "epochs (default: --lr; a fresh Adam, its own schedule)")
     p.add_argument("--samples", type=int, default=20, help="stochastic passes for the uncertainty summary")
     p.add_argument("--timing-repeats", type=int, default=50, help="timed calls per inference measurement")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per process (default: torch's, or with several processes the cores shared "
+                        "evenly among those on this machine)")
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="with several processes: how long a collective waits for the other ranks before failing")
     return p
 
 
@@ -96,16 +125,23 @@ def default_warmup(epochs):
     return [start, max(end, start + sparsevd.KLWarmup.MIN_RAMP)]
 
 
-def check_config(c):
+def check_config(c, world=SINGLE):
     """Check the parsed flags (ValueError naming the flag) and fill in the defaults that
-    depend on others; returns ``c``."""
+    depend on others, for a run of ``world.size`` processes; returns ``c``."""
     positive = {"epochs": c.epochs, "batch_size": c.batch_size, "samples": c.samples,
                 "timing_repeats": c.timing_repeats}
-    if c.train_size is not None:
-        positive["train_size"] = c.train_size
+    for name in ("train_size", "threads"):
+        if getattr(c, name) is not None:
+            positive[name] = getattr(c, name)
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+    c.world_size = world.size
+    if c.batch_size % world.size:
+        raise ValueError(f"--batch-size {c.batch_size} is the global batch, split evenly across the {world.size} "
+                         f"processes: it must be a multiple of {world.size}")
+    if not (math.isfinite(c.dist_timeout) and c.dist_timeout > 0):
+        raise ValueError(f"--dist-timeout must be a finite number of seconds > 0, got {c.dist_timeout}")
     for name in ("lr", "lr_end", "threshold_tolerance"):
         value = getattr(c, name)
         if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
@@ -119,6 +155,7 @@ def check_config(c):
             raise ValueError(f"--threshold must be a number or 'auto', got {c.threshold!r}") from None
         if not math.isfinite(threshold):
             raise ValueError(f"--threshold must be finite, got {c.threshold}")
+    _check_finetune(c)
     if c.init_from is not None:
         if c.method != "sparsevd":
             raise ValueError("--init-from starts a SparseVD run from a dense one: use it with --method sparsevd")
@@ -149,12 +186,31 @@ def check_config(c):
         raise ValueError(f"--device: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch has no CUDA device")
+    c.device = str(distributed.device_of(device, world))
     if c.data_dir is not None:
         c.data_dir = os.path.abspath(c.data_dir)
     if c.out is None:
         dataset = os.path.basename(c.data_dir) if c.data_dir else c.dataset
         c.out = os.path.join("runs", f"{c.model}-{c.method}-{dataset}" + ("-random" if c.random_labels else ""))
     return c
+
+
+def _check_finetune(c):
+    if c.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be ≥ 0, got {c.finetune_epochs}")
+    if not c.finetune_epochs:
+        given = [flag for flag, value in (("--finetune-noise", c.finetune_noise), ("--finetune-lr", c.finetune_lr))
+                 if value not in (None, False)]
+        if given:
+            raise ValueError(f"{given[0]} applies only with --finetune-epochs")
+        return
+    if c.method == "dense":
+        raise ValueError("--finetune-epochs fine-tunes a pruned network with its mask fixed: use it with a pruning "
+                         "--method (sparsevd)")
+    if c.finetune_lr is None:
+        c.finetune_lr = c.lr
+    if not (math.isfinite(c.finetune_lr) and c.finetune_lr > 0):
+        raise ValueError(f"--finetune-lr must be a finite number > 0, got {c.finetune_lr}")
 
 
 def schedule_warnings(c, steps_per_epoch):

@@ -4,6 +4,7 @@ applied at every step, error rates, and a plain ``train()`` for scripts and test
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -11,20 +12,28 @@ from torch import nn
 
 import sparsevd
 
+from .distributed import SINGLE
+
 
 class EpochStats(NamedTuple):
     loss: float  #: mean loss over the epoch
     accuracy: float  #: training accuracy of the stochastic passes that were trained on
     warmup: float  #: the warm-up factor of the epoch's last step
+    seconds: float  #: spent in the training steps (the epoch's examples / seconds = examples per second)
 
 
-def error_rate(model, x, y, batch_size=1000):
-    """Top-1 error of ``model`` in eval mode, in %."""
+def error_rate(model, x, y, batch_size=1000, world=SINGLE):
+    """Top-1 error of ``model`` in eval mode, in %; with several processes (``world``) each
+    rank evaluates its part of the examples and the counts are summed, so every rank
+    returns the same figure."""
     model.eval()
+    part = world.part(len(y))
+    x, y_part = x[part], y[part]
     wrong = 0
     with torch.no_grad():
-        for start in range(0, len(y), batch_size):
-            wrong += int((model(x[start : start + batch_size]).argmax(1) != y[start : start + batch_size]).sum())
+        for start in range(0, len(y_part), batch_size):
+            wrong += int((model(x[start : start + batch_size]).argmax(1) != y_part[start : start + batch_size]).sum())
+    (wrong,) = world.sum([wrong], y.device)
     return 100.0 * wrong / len(y)
 
 
@@ -44,53 +53,68 @@ def compression_ratio(model):
     return total / kept if kept else math.inf
 
 
+def data_loss():
+    """``loss(output, target, warmup)``: cross-entropy alone, the warm-up ignored (a dense
+    network, or fine-tuning with the mask fixed)."""
+    cross_entropy = nn.CrossEntropyLoss()
+    return lambda out, y, warmup: cross_entropy(out, y)
+
+
 def make_loss(model, dataset_size, kl_weight=1.0, check_collapse_every=100):
     """``loss(output, target, warmup)``: the SGVLB for a SparseVD model, cross-entropy
     (ignoring the warm-up) for a dense one."""
     if sparsevd.sparsevd_modules(model):
         return sparsevd.SGVLBLoss(model, dataset_size=dataset_size, kl_weight=kl_weight,
                                   check_collapse_every=check_collapse_every)
-    cross_entropy = nn.CrossEntropyLoss()
-    return lambda out, y, warmup: cross_entropy(out, y)
+    return data_loss()
 
 
-def step(model, optimizer, loss_fn, x, y, warmup):
-    """One optimizer step; returns (loss, number of correct predictions)."""
+def step(model, optimizer, loss_fn, x, y, warmup, share=1.0):
+    """One optimizer step; returns (loss, number of correct predictions). ``share``
+    multiplies the loss whose gradient is taken (see :meth:`.distributed.World.batches`);
+    the loss returned is the unscaled one."""
     out = model(x)
     loss = loss_fn(out, y, warmup)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if share == 1.0 else loss * share).backward()
     optimizer.step()
     return loss.item(), int((out.argmax(1) == y).sum())
 
 
-def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=None, bar=None):
-    """Epoch ``epoch`` (0-based) of shuffled mini-batches (the order from torch's global
-    generator). ``warmup``: a :class:`sparsevd.KLWarmup`, evaluated at every step at the
-    fractional epoch, so the KL weight ramps smoothly (None: always 1). ``bar``: a tqdm
-    bar advanced per batch. Returns :class:`EpochStats`.
+def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=None, bar=None, order=None,
+                world=SINGLE):
+    """Epoch ``epoch`` (0-based) of shuffled mini-batches: the global batches of ``order``
+    (a permutation of the examples; default: from torch's global generator), each split
+    across the processes of ``world`` (:meth:`.distributed.World.batches`; ``model`` then
+    is the DistributedDataParallel wrapper). ``warmup``: a :class:`sparsevd.KLWarmup`,
+    evaluated at every step at the fractional epoch, so the KL weight ramps smoothly
+    (None: always 1). ``bar``: a tqdm bar advanced per batch. Returns :class:`EpochStats`,
+    summed over the ranks.
     """
     model.train()
-    order = torch.randperm(len(y), device=y.device)
-    batches = range(0, len(y), batch_size)
-    total_loss = correct = 0.0
+    if order is None:
+        order = torch.randperm(len(y))
+    batches = world.batches(order.to(y.device), batch_size)
+    total_loss = correct = seen = 0.0
     factor = 1.0
     bayesian = bool(sparsevd.sparsevd_modules(model))
-    for i, start in enumerate(batches):
+    t0 = time.perf_counter()
+    for i, (idx, share) in enumerate(batches):
         factor = warmup(epoch + i / len(batches)) if warmup is not None else 1.0
-        idx = order[start : start + batch_size]
-        loss, right = step(model, optimizer, loss_fn, x[idx], y[idx], factor)
+        loss, right = step(model, optimizer, loss_fn, x[idx], y[idx], factor, share)
         total_loss += loss * len(idx)
         correct += right
+        seen += len(idx)
         if bar is not None:
             bar.update(1)
-            if i % 20 == 0 and not bar.disable:
-                seen = start + len(idx)
+            if i % 20 == 0 and not bar.disable:  # this rank's examples so far
                 postfix = {"loss": f"{total_loss / seen:.3f}", "acc": f"{correct / seen:.3f}"}
                 if bayesian:
                     postfix.update(warmup=f"{factor:.2f}", compression=f"{compression_ratio(model):.1f}x")
                 bar.set_postfix(postfix, refresh=False)
-    return EpochStats(total_loss / len(y), correct / len(y), factor)
+    seconds = time.perf_counter() - t0
+    total_loss, correct = world.sum([total_loss, correct], y.device)
+    return EpochStats(total_loss / len(y), correct / len(y), factor, seconds)
 
 
 def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, kl_weight=1.0, log=print):

@@ -151,15 +151,21 @@ def training(history, path):
         axes[0].plot(epochs, values, label=label, alpha=1 if label.startswith("val") else 0.7)
     _whole_curve(axes[0], [v for values in errors.values() for v in values])
     axes[0].set_ylabel("error %")
-    axes[0].legend(fontsize=8)
     losses = [h["loss"] for h in history]
     axes[1].plot(epochs, losses, color="tab:red")
     _whole_curve(axes[1], losses)
-    axes[1].set_ylabel("training loss (SGVLB per example)" if bayesian else "training loss (cross-entropy)")
+    tuned = [h["epoch"] for h in history if h.get("phase") == "finetune"]
+    axes[1].set_ylabel("training loss (SGVLB per example" + ("; cross-entropy in fine-tuning)" if tuned else ")")
+                       if bayesian else "training loss (cross-entropy)")
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
+        if tuned:  # the fine-tuning epochs: mask fixed, data term only
+            ax.axvspan(tuned[0] - 1, tuned[-1], color="tab:orange", alpha=0.12, lw=0)
+    if tuned:
+        axes[0].plot([], [], color="tab:orange", alpha=0.3, lw=6, label="fine-tuning, mask fixed")
+    axes[0].legend(fontsize=8)
     if bayesian:
         ax = axes[2]
         compression = [h["total"] / max(h["kept"], 1) for h in history]

@@ -18,6 +18,7 @@ import sparsevd
 from sparsevd.training import collapse_message
 
 from . import plots
+from .distributed import SINGLE
 from .loop import chance, compression_ratio, error_rate, threshold_of
 from .models import NETWORK_NAMES
 
@@ -40,15 +41,17 @@ def _git_commit():
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
-def threshold_curve(model, x, y):
-    """Validation error (%) and compression at each threshold of ``THRESHOLDS``."""
+def threshold_curve(model, x, y, world=SINGLE):
+    """Validation error (%) and compression at each threshold of ``THRESHOLDS`` (the
+    errors summed over the ranks of ``world``: the same curve on every rank)."""
     layers = [m for _, m in sparsevd.sparsevd_modules(model)]
     saved = [m.threshold for m in layers]
     curve = []
     for t in THRESHOLDS:
         for m in layers:
             m.threshold = t
-        curve.append({"threshold": t, "val_error": error_rate(model, x, y), "compression": compression_ratio(model)})
+        curve.append({"threshold": t, "val_error": error_rate(model, x, y, world=world),
+                      "compression": compression_ratio(model)})
     for m, t in zip(layers, saved):
         m.threshold = t
     return curve
@@ -58,6 +61,26 @@ def choose_threshold(curve, tolerance):
     """The most compressed threshold whose validation error is within ``tolerance`` points of the best."""
     best = min(p["val_error"] for p in curve)
     return max((p for p in curve if p["val_error"] <= best + tolerance), key=lambda p: p["compression"])["threshold"]
+
+
+def select_threshold(c, model, data, world=SINGLE):
+    """Set the SparseVD layers' threshold to --threshold, or with 'auto' to the one chosen
+    on the validation split; returns the ``curve``, the ``threshold`` and the layers'
+    threshold during training (``training_threshold``)."""
+    training_threshold = threshold_of(model)
+    curve = threshold_curve(model, data["val_x"], data["val_y"], world)
+    threshold = choose_threshold(curve, c.threshold_tolerance) if c.threshold == "auto" else float(c.threshold)
+    for _, m in sparsevd.sparsevd_modules(model):
+        m.threshold = threshold
+    return {"curve": curve, "threshold": threshold, "training_threshold": training_threshold}
+
+
+def measure(model, data, world=SINGLE):
+    """Test, validation and training error (%) and the kept weights of ``model`` in eval mode."""
+    kept, total = sparsevd.compression(model)
+    errors = {f"{k}_error": error_rate(model, data[f"{k}_x"], data[f"{k}_y"], world=world)
+              for k in ("test", "val", "train")}
+    return {**errors, "kept": kept, "total": total, "compression": total / kept if kept else math.inf}
 
 
 def median_time(fn, x, repeats):
@@ -118,18 +141,19 @@ def collapse_warning(random_labels, accuracy, chance, kept, total, what="trainin
     return f"warning: {message}"
 
 
-def write_results(c, command, model, data, data_name, history, snapshots, warnings, log):
+def write_results(c, command, model, data, data_name, history, snapshots, warnings, log, finetune=None,
+                  backend=None):
     """Choose the threshold, measure, check for a collapse, plot, and write results.md
-    and summary.json; ``warnings``: the lines the run warned about so far."""
+    and summary.json; ``warnings``: the lines the run warned about so far. ``finetune``:
+    what the fine-tuning started from (see :func:`.cli.start_finetune`), its threshold
+    then the one reported; ``backend``: the process group's of a run of several processes."""
     bayesian = c.method == "sparsevd"
     dense = read_summary(c.compare_dense) if c.compare_dense else None
     curve, training_threshold = [], None
     if bayesian:
-        training_threshold = threshold_of(model)
-        curve = threshold_curve(model, data["val_x"], data["val_y"])
-        threshold = choose_threshold(curve, c.threshold_tolerance) if c.threshold == "auto" else float(c.threshold)
-        for _, m in sparsevd.sparsevd_modules(model):
-            m.threshold = threshold
+        selection = finetune or select_threshold(c, model, data)
+        curve, threshold = selection["curve"], selection["threshold"]
+        training_threshold = selection["training_threshold"]
     model.eval()
     # the example shape lets the report count the convolutions' FLOPs per output position
     rep = sparsevd.report(model, input_shape=tuple(data["test_x"].shape[1:])) if bayesian else None
@@ -137,6 +161,7 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
         "network": NETWORK_NAMES[c.model], "model": c.model, "method": c.method, "dataset": data_name,
         "random_labels": c.random_labels, "epochs": c.epochs, "epochs_done": len(history),
         "device": _device_name(c.device), "commit": _git_commit(), "torch": torch.__version__,
+        "world_size": c.world_size, "backend": backend,
         "sizes": {k: len(data[f"{k}_y"]) for k in ("train", "val", "test")},
         "command": command,
         "kl_weight": c.kl_weight if bayesian else None,
@@ -153,8 +178,15 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
         "timings": [],
         "uncertainty": [],
         "train_seconds": sum(h["seconds"] for h in history),
+        "examples_per_second": _examples_per_second(history, len(data["train_y"])),
+        "finetune": None,
         "warnings": list(warnings),
     }
+    if finetune is not None:
+        after = {k: summary[k] for k in ("test_error", "val_error", "train_error")}
+        after.update(kept=rep.total["kept"], total=rep.total["total"], compression=summary["compression"])
+        summary["finetune"] = {k: finetune[k] for k in ("epochs", "noise", "lr", "before")}
+        summary["finetune"]["after"] = after
     if bayesian:
         final = collapse_warning(c.random_labels, 1 - summary["test_error"] / 100, chance(data["test_y"]),
                                  rep.total["kept"], rep.total["total"], what="test accuracy")
@@ -170,7 +202,8 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
             fast = sparsevd.sparsify(model, batch_size=batch, input_shape=tuple(x.shape[1:]))
             row["sparsified_s"] = median_time(fast, x[:batch], c.timing_repeats)
         summary["timings"].append(row)
-    if bayesian:
+    # fine-tuned without noise, the network is a point estimate: there is no posterior to sample
+    if bayesian and (finetune is None or finetune["noise"]):
         summary["uncertainty"] = uncertainty_summary(model, data, c.samples)
 
     summary["plots"] = plots.plot_run(c.out, history, snapshots, model if bayesian else None, curve,
@@ -184,18 +217,27 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
     return summary
 
 
+def _examples_per_second(history, train_size):
+    """Training examples per second of the training steps (validation not counted), all
+    processes together; None for a history from before the steps were timed apart."""
+    seconds = [h.get("step_seconds") for h in history]
+    if not seconds or None in seconds:
+        return None
+    return train_size * len(seconds) / sum(seconds)
+
+
 def _device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''})"
+    return f"CPU ({platform.processor() or platform.machine()}, {plural(torch.get_num_threads(), 'thread')})"
 
 
-def table_row(s):
-    """One row of the paper's table: network, method, error %, per-layer sparsity %,
-    |W|/|W≠0|, and the threshold that compression is counted at."""
+def table_row(s, note=""):
+    """One row of the paper's table: network, method (and ``note``), error %, per-layer
+    sparsity %, |W|/|W≠0|, and the threshold that compression is counted at."""
     method = ("SparseVD" if s["method"] == "sparsevd" else "dense") + (", random labels" if s["random_labels"] else "")
+    method += note
     sparsity = " − ".join(f"{100 * r['sparsity']:.1f}" for r in s["layers"]) or "–"
     compression = "∞ (all pruned)" if math.isinf(s["compression"]) else f"{s['compression']:.0f}"
     kept_where = f"log α < {s['threshold']:g}" if s.get("threshold") is not None else "–"
@@ -210,9 +252,30 @@ def tradeoff_rows(curve, chosen):
         if p["threshold"] != chosen and p["threshold"] != round(p["threshold"]):
             continue
         note = " (chosen)" if p["threshold"] == chosen else ""
-        compression = "∞ (all pruned)" if math.isinf(p["compression"]) else f"{p['compression']:.1f}"
-        rows.append(f"| log α < {p['threshold']:g}{note} | {compression} | {p['val_error']:.2f} |")
+        rows.append(f"| log α < {p['threshold']:g}{note} | {_ratio(p['compression'])} | {p['val_error']:.2f} |")
     return rows
+
+
+def plural(n, word):
+    """``n`` and ``word``, with an s unless n is 1: "1 epoch", "2 epochs"."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _epochs_text(s):
+    tuned = s.get("finetune")
+    if tuned:
+        trained = s["epochs_done"] - tuned["epochs"]
+        return f"{s['epochs_done']} epochs ({trained} SparseVD + {tuned['epochs']} fine-tuning)"
+    return plural(s["epochs_done"], "epoch")
+
+
+def _processes_text(s):
+    n = s.get("world_size", 1)
+    return "1 process" if n == 1 else f"{n} processes (DistributedDataParallel, {s['backend']})"
+
+
+def _ratio(compression):
+    return "∞ (all pruned)" if math.isinf(compression) else f"{compression:.1f}"
 
 
 def _us(seconds):
@@ -223,10 +286,11 @@ def results_markdown(s, rep, dense=None):
     lines = [
         f"# {s['network']}, {'SparseVD' if s['method'] == 'sparsevd' else 'dense'} on {s['dataset']}",
         "",
-        f"{s['epochs_done']} epochs; {s['sizes']['train']} train / {s['sizes']['val']} validation / "
+        f"{_epochs_text(s)}; {s['sizes']['train']} train / {s['sizes']['val']} validation / "
         f"{s['sizes']['test']} test images" + ("; **random training labels**" if s["random_labels"] else "")
-        + f"; {s['device']}; torch {s['torch']}; commit {s['commit']}; "
-        f"{s['train_seconds'] / 60:.1f} min of training.",
+        + f"; {_processes_text(s)}; {s['device']}; torch {s['torch']}; commit {s['commit']}; "
+        f"{s['train_seconds'] / 60:.1f} min of training"
+        + (f" ({s['examples_per_second']:,.0f} training examples/s)." if s.get("examples_per_second") else "."),
         "",
         f"`{s['command']}`",
         "",
@@ -239,12 +303,29 @@ def results_markdown(s, rep, dense=None):
     ]
     if dense is not None:
         lines.append(table_row(dense))
-    lines.append(table_row(s))
+    tuned = s.get("finetune")
+    if tuned:
+        lines.append(table_row(dict(s, test_error=tuned["before"]["test_error"]), ", before fine-tuning"))
+        lines.append(table_row(s, f", fine-tuned {plural(tuned['epochs'], 'epoch')}"))
+    else:
+        lines.append(table_row(s))
     shuffled = " (against the shuffled labels it was trained on)" if s["random_labels"] else ""
     lines += ["", f"Train error {s['train_error']:.2f}%{shuffled}, validation error {s['val_error']:.2f}%."]
+    if tuned:
+        before, after = tuned["before"], tuned["after"]
+        lines += ["", f"Fine-tuning: {plural(tuned['epochs'], 'epoch')} with the mask fixed at log α < "
+                      f"{s['threshold']:g}, on the data term alone (no KL), {'with' if tuned['noise'] else 'without'} "
+                      f"the kept weights' noise, Adam from lr {tuned['lr']:g} decaying linearly; the pruned weights "
+                      "stayed exactly zero.",
+                  "", "| | test error % | validation error % | train error % | \\|W\\|/\\|W≠0\\| |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} fine-tuning | {m['test_error']:.2f} | {m['val_error']:.2f} | {m['train_error']:.2f} | "
+                  f"{_ratio(m['compression'])} |" for name, m in (("before", before), ("after", after))]
+        lines.append("")
     if rep is not None:
         how = "chosen on the validation split" if s["threshold_chosen"] else "given"
-        lines += [f"Kept weights: log α < {s['threshold']:g} ({how}); the epoch lines of train.log count them at "
+        epochs = "SparseVD epoch lines (the fine-tuning ones: the fixed mask)" if tuned else "epoch lines"
+        lines += [f"Kept weights: log α < {s['threshold']:g} ({how}); the {epochs} of train.log count them at "
                   f"the layers' threshold during training, log α < {s['training_threshold']}. KL weight "
                   f"{s['kl_weight']:g} after the warm-up.", "", "```", str(rep), "```",
                   "", "Validation error against compression, by threshold (the trade-off; tradeoff.png):", "",
@@ -263,6 +344,9 @@ def results_markdown(s, rep, dense=None):
     else:
         lines += ["| batch | dense model |", "|---|---|"]
         lines += [f"| {t['batch']} | {_us(t['eval_model_s'])} |" for t in s["timings"]]
+    if tuned and not tuned["noise"]:
+        lines += ["", "No uncertainty summary: fine-tuned without noise, the network is deterministic (a point "
+                      "estimate); --finetune-noise keeps a posterior to sample."]
     if s["uncertainty"]:
         lines += ["", "Uncertainty of the Bayesian ensemble (mean over inputs, nats):", "",
                   "| inputs | predictive entropy | expected entropy | mutual information |", "|---|---|---|---|"]
