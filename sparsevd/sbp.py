@@ -124,6 +124,8 @@ class SBPDropout(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.mu = nn.Parameter(torch.empty(num_features, **factory))
         self.log_sigma = nn.Parameter(torch.empty(num_features, **factory))
+        self.register_buffer("frozen_mask", None)  # set by freeze_mask, for fine-tuning
+        self.frozen_noise = False
         self._eval_cache = None
         self.reset_parameters()
 
@@ -146,31 +148,38 @@ class SBPDropout(nn.Module):
         dim = self._units_dim(input)
         shape = [1] * input.dim()
         shape[dim] = self.num_features
-        if self.training:
+        frozen = self.frozen_mask
+        if self.training and (frozen is None or self.frozen_noise):
             batch = input.shape[0] if dim != 0 else 1
             if dim != 0:
                 shape[0] = batch
             theta = sbp_sample(self.mu, self.log_sigma, batch, self.bounds)
-        else:
+            if frozen is not None:
+                theta = theta * frozen
+        else:  # eval, or fine-tuning without noise: the deterministic E[θ]·mask
             theta = self.eval_scale()
         return input * theta.reshape(shape).to(input.dtype)
 
     def eval_scale(self):
         """E[θ]·mask per unit, what eval mode multiplies by (no gradient), in the parameters'
-        dtype. Cached until ``mu`` or ``log_sigma`` change in place (an optimizer step,
-        ``load_state_dict``); a change through ``.data`` is not seen, so call
-        :meth:`reset_parameters` or assign new parameters instead."""
-        mu, log_sigma = self.mu, self.log_sigma
+        dtype (the mask fixed by :meth:`freeze_mask`, if any). Cached until ``mu`` or
+        ``log_sigma`` change in place (an optimizer step, ``load_state_dict``); a change
+        through ``.data`` is not seen, so call :meth:`reset_parameters` or assign new
+        parameters instead."""
+        mu, log_sigma, frozen = self.mu, self.log_sigma, self.frozen_mask
         compiling = torch.compiler.is_compiling()
         if not compiling:
             key = (mu._version, log_sigma._version, mu.data_ptr(), log_sigma.data_ptr(), mu.dtype, mu.device,
-                   self.threshold, self.bounds)
+                   self.threshold, self.bounds, None if frozen is None else (frozen._version, frozen.data_ptr()))
             if self._eval_cache is not None and self._eval_cache[0] == key:
                 return self._eval_cache[1]
         with torch.no_grad():
             if not compiling:
                 _check_finite("SBPDropout", mu, log_sigma)
-            scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds).to(mu.dtype)
+            if frozen is None:
+                scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds).to(mu.dtype)
+            else:
+                scale = reference.sbp_mean(mu, log_sigma, self.bounds).to(mu.dtype) * frozen
         if not compiling:
             self._eval_cache = (key, scale)
         return scale
@@ -194,8 +203,45 @@ class SBPDropout(nn.Module):
             return reference.sbp_mean(self.mu, self.log_sigma, self.bounds).to(self.mu.dtype)
 
     def mask(self):
-        """Boolean mask of the units kept: SNR > threshold."""
+        """Boolean mask of the units kept: SNR > threshold, or the mask fixed by :meth:`freeze_mask`."""
+        if self.frozen_mask is not None:
+            return self.frozen_mask
         return self.snr() > self.threshold
+
+    def freeze_mask(self, noise=False):
+        """Fix the units kept now (SNR > ``threshold``: set it first) for fine-tuning:
+        ``mask()`` returns the fixed mask whatever μ and log σ do, and the pruned units
+        output exactly zero. ``noise=False`` (default): training mode multiplies by the
+        deterministic E[θ]·mask, as eval mode does, and μ, log σ get no gradient (the
+        layers around train on the data term); ``noise=True`` keeps sampling θ (times the
+        mask), and μ, log σ train too. The fixed mask is a buffer (``frozen_mask``): it
+        travels with the state dict."""
+        self.frozen_mask = self.mask().clone()
+        self.frozen_noise = bool(noise)
+        return self
+
+    def unfreeze_mask(self):
+        """Back to SBP training: the mask follows the SNR and the threshold again."""
+        self.frozen_mask = None
+        self.frozen_noise = False
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The fixed mask of fine-tuning is part of the saved state: adopt the saved one (or
+        # its absence), so a loaded layer keeps exactly the units the saved one kept.
+        frozen = state_dict.get(prefix + "frozen_mask")
+        if frozen is None:
+            self.frozen_mask = None
+        elif isinstance(frozen, torch.Tensor) and frozen.dtype == torch.bool and frozen.shape == self.mu.shape:
+            self.frozen_mask = torch.empty_like(frozen, device=self.mu.device)
+        else:
+            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: frozen_mask must be a bool tensor of "
+                              f"shape {tuple(self.mu.shape)}, got {getattr(frozen, 'dtype', type(frozen))} "
+                              f"{tuple(getattr(frozen, 'shape', ()))}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def kept_units(self):
         return int(self.mask().sum())

@@ -193,16 +193,19 @@ class KLWarmup:
 
 
 def freeze_masks(model, noise=False):
-    """Fix the pruning mask of every SparseVD layer of ``model`` for fine-tuning (see
-    :meth:`SparseVDModule.freeze_mask`): each layer keeps the weights its mask keeps now
-    (log α below its ``threshold``: set the threshold first), the pruned ones are set to
-    zero and stay exactly zero, and training trains θ and the biases (with ``noise=True``
-    also the variances of the kept weights) on whatever loss it is given; for fine-tuning
-    that is the data term alone, without the KL. The masks are buffers: they travel with
-    the state dict. Returns the frozen layers."""
-    layers = [layer for _, layer in sparsevd_modules(model)]
+    """Fix the pruning mask of every SparseVD and SBPDropout layer of ``model`` for
+    fine-tuning (see :meth:`SparseVDModule.freeze_mask`, :meth:`SBPDropout.freeze_mask`):
+    each SparseVD layer keeps the weights its mask keeps now (log α below its
+    ``threshold``: set the threshold first), the pruned ones are set to zero and stay
+    exactly zero, and each SBPDropout keeps the units it keeps now (SNR above its
+    threshold), the others output exactly zero. Training then trains θ and the biases on
+    whatever loss it is given (for fine-tuning, the data term alone, without the KL):
+    without noise through the deterministic masked network, with ``noise=True`` sampling
+    the kept weights' and units' noise, whose parameters train too. The masks are
+    buffers: they travel with the state dict. Returns the frozen layers."""
+    layers = [layer for _, layer in sparsevd_modules(model) + sbp_modules(model)]
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no SparseVD layers to freeze")
+        raise ValueError(f"{type(model).__name__} has no SparseVD or SBPDropout layers to freeze")
     for layer in layers:
         layer.freeze_mask(noise=noise)
     return layers
@@ -210,8 +213,8 @@ def freeze_masks(model, noise=False):
 
 def unfreeze_masks(model):
     """Undo :func:`freeze_masks`: every SparseVD layer's mask follows log α and the
-    threshold again. Returns the layers."""
-    layers = [layer for _, layer in sparsevd_modules(model)]
+    threshold again, every SBPDropout's the SNR. Returns the layers."""
+    layers = [layer for _, layer in sparsevd_modules(model) + sbp_modules(model)]
     for layer in layers:
         layer.unfreeze_mask()
     return layers

@@ -560,3 +560,39 @@ def test_autocast_and_compile():
     torch.testing.assert_close(compiled(x), model(x))
     kl_c = torch.compile(lambda m: sparsevd.kl_divergence(m), fullgraph=True)(model)
     torch.testing.assert_close(kl_c, sparsevd.kl_divergence(model))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_freeze_masks_fixes_the_units_for_fine_tuning(noise):
+    torch.manual_seed(0)
+    model = _randomize_sbp(_mlp_sbp())
+    sbp = model[1]
+    mask = sbp.mask().clone()
+    assert 0 < mask.sum() < mask.numel()
+    assert sparsevd.freeze_masks(model, noise=noise) == [sbp] and sbp.frozen_noise == noise
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    model.train()
+    if not noise:  # the deterministic E[θ]·mask, as in eval mode, and no gradient for μ, log σ
+        torch.testing.assert_close(model(x), model.eval()(x))
+        model.train()
+    out = model(x)
+    assert torch.all(sbp(model[0](x))[:, ~mask] == 0)  # the pruned units output exactly zero, noise or not
+    nn.functional.cross_entropy(out, y).backward()
+    assert (sbp.mu.grad is not None) == noise
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.5)
+    for _ in range(5):  # the data term alone, with a large lr: the fixed mask holds whatever μ, log σ do
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert torch.equal(sbp.mask(), mask) and sbp.kept_units() == int(mask.sum())
+    model.eval()
+    torch.testing.assert_close(sparsevd.sparsify(model)(x), model(x))
+    fresh = _mlp_sbp()
+    fresh.load_state_dict(model.state_dict())  # the fixed mask travels with the state dict
+    assert torch.equal(fresh[1].frozen_mask, mask)
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+    fresh.load_state_dict(_mlp_sbp().state_dict())  # and so does its absence
+    assert fresh[1].frozen_mask is None
+    assert sparsevd.unfreeze_masks(model) == [sbp] and sbp.frozen_mask is None and not sbp.frozen_noise
+    with pytest.raises(RuntimeError, match="frozen_mask must be a bool tensor of shape"):
+        fresh.load_state_dict({**model.state_dict(), "1.frozen_mask": torch.ones(3, dtype=torch.bool)})

@@ -3,6 +3,7 @@ and writes its report and plots. Tiny data, few epochs."""
 
 import gzip
 import json
+import math
 import os
 import struct
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 import sparsevd
-from sparsevd.experiments import checkpoints, cli, config, loop, plots, results
+from torch import nn
+
+from sparsevd.experiments import checkpoints, cli, config, loop, models, plots, results
 from sparsevd.experiments import data as datasets
-from sparsevd.experiments.models import lenet_300_100, lenet5_caffe
+from sparsevd.experiments.models import lenet_300_100, lenet5_caffe, mlp_500_300
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -127,6 +130,9 @@ def test_models_have_the_papers_shapes():
         mlp = lenet_300_100(bayesian).eval()
         assert mlp(x).shape == mlp(x.reshape(3, 784)).shape == (3, 10)
         assert [tuple(m.weight.shape) for m in mlp if hasattr(m, "weight")] == [(300, 784), (100, 300), (10, 100)]
+        mlp = mlp_500_300(bayesian).eval()
+        assert mlp(x).shape == mlp(x.reshape(3, 784)).shape == (3, 10)
+        assert [tuple(m.weight.shape) for m in mlp if hasattr(m, "weight")] == [(500, 784), (300, 500), (10, 300)]
     for bayesian in (False, True):
         conv = lenet5_caffe(bayesian).eval()
         assert conv(x).shape == (3, 10)
@@ -149,7 +155,15 @@ def test_models_have_the_papers_shapes():
     (["--compare-dense", "/nonexistent/run"], "cannot read /nonexistent/run/summary.json"),
     (["--kl-weight", "-1"], "--kl-weight must be a finite number ≥ 0"),
     (["--kl-weight", "inf"], "--kl-weight must be a finite number ≥ 0"),
-    (["--kl-weight", "0.5", "--method", "dense"], "use it with --method sparsevd"),
+    (["--kl-weight", "0.5", "--method", "dense"], "use it with --method sparsevd, sbp or sparsevd+sbp"),
+    (["--method", "svd"], "invalid choice"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1)"),
+    (["--lr-decay-start", "5", "--epochs", "5"], "--lr-decay-start must be an epoch in 0..4"),
+    (["--lr-decay-start", "-1"], "--lr-decay-start must be an epoch in 0..199"),
+    (["--method", "sbp", "--threshold", "3"], "has none (SBP keeps the units with SNR > --sbp-threshold)"),
+    (["--sbp-threshold", "2"], "--sbp-threshold applies to SBP layers"),
+    (["--method", "sbp", "--sbp-threshold", "nan"], "--sbp-threshold must be a finite number ≥ 0"),
+    (["--method", "sbp", "--init-log-sigma2", "-8"], "which --method sbp has none of"),
     (["--kl-warmup", "1", "1.5"], "--kl-warmup: the warm-up from epoch 1 to 1.5 would take the KL weight"),
 ])
 def test_bad_flags_are_reported(tmp_path, capsys, flags, message):
@@ -206,7 +220,8 @@ def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
         "test images", "inverted test images (1 − x)", "uniform noise"]
     assert all(u["mutual_information"] >= 0 and u["predictive_entropy"] >= u["mutual_information"]
                for u in summary["uncertainty"])
-    assert [t["batch"] for t in summary["timings"]] == [1, 256]
+    assert [(t["device"], t["batch"]) for t in summary["timings"]] == [("cpu", 1), ("cpu", 64), ("cpu", 256)]
+    assert all(t["speedup"] == t["dense_network_s"] / t["sparsified_s"] for t in summary["timings"])
     log = (out / "train.log").read_text()
     assert "epoch   6/6" in log and "at log α < 3  KL weight 1.00" in log
     assert summary["plots"] == ["weights.png", "training.png", "log_alpha.png", "threshold.png", "tradeoff.png"]
@@ -447,12 +462,12 @@ def test_finetuning_fixes_the_mask_at_the_chosen_threshold_and_reports_before_an
     assert [h["kl_weight"] for h in history[3:]] == [0.0, 0.0]
     assert [h["lr"] for h in history[3:]] == pytest.approx([1e-2, 1e-3])  # its own schedule, to lr · lr_end
     log, text = (out / "train.log").read_text(), (out / "results.md").read_text()
-    assert f"fine-tuning for 2 epochs: mask fixed at log α < {summary['threshold']:g}" in log
+    assert f"fine-tuning for 2 epochs: masks fixed at log α < {summary['threshold']:g}" in log
     assert "epoch   5/5  fine-tuning" in log and "mask fixed at log α <" in log
     assert "5 epochs (3 SparseVD + 2 fine-tuning)" in text
     assert "| LeNet-300-100 | SparseVD, before fine-tuning |" in text and "| SparseVD, fine-tuned 2 epochs |" in text
     assert f"| before fine-tuning | {before['test_error']:.2f} |" in text
-    assert ("with the kept weights' noise" if noise else "without the kept weights' noise") in text
+    assert ("with the noise of the kept weights" if noise else "without the noise of the kept weights") in text
     # fine-tuned without noise there is no posterior left to sample
     assert bool(summary["uncertainty"]) == noise and ("No uncertainty summary" in text) != noise
 
@@ -500,3 +515,229 @@ def test_bad_finetuning_and_process_flags_are_reported(tmp_path, capsys, flags, 
     with pytest.raises(SystemExit):
         cli.run(_args(tmp_path, *flags))
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- Structured Bayesian Pruning
+
+
+def _sbp_sizes(model):
+    return [m.num_features for _, m in sparsevd.sbp_modules(model)]
+
+
+def test_sbp_sits_on_conv_channels_and_fully_connected_inputs():
+    # the SBP paper's units: the MLP's input pixels and hidden units, LeNet-5's filters and
+    # hidden units (its fc1 reads conv2's channels, which their SBP prunes)
+    assert _sbp_sizes(models.build("mlp500", "sbp")) == [784, 500, 300]
+    assert _sbp_sizes(models.build("lenet300", "sbp")) == [784, 300, 100]
+    assert _sbp_sizes(models.build("lenet5", "sparsevd+sbp")) == [20, 50, 500]
+    lenet5 = models.build("lenet5", "sbp", sbp_threshold=2.0)
+    assert [type(m).__name__ for m in lenet5[:3]] == ["Conv2d", "SBPDropout", "ReLU"]  # the authors' order
+    assert all(m.threshold == 2.0 for _, m in sparsevd.sbp_modules(lenet5))
+    assert not sparsevd.sparsevd_modules(lenet5) and len(sparsevd.sparsevd_modules(models.build("lenet5", "sparsevd+sbp"))) == 4
+    assert _sbp_sizes(models.build("lenet5", "sparsevd")) == [] == _sbp_sizes(models.build("lenet5", "dense"))
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+@pytest.mark.parametrize("method", list(models.METHODS))
+def test_every_method_and_network_trains_and_sparsifies_to_its_eval_output(name, method):
+    torch.manual_seed(0)
+    model = models.build(name, method)
+    x, y = torch.rand(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = loop.train_epoch(model, optimizer, loop.make_loss(model, 100), x, y, batch_size=6)
+    assert math.isfinite(stats.loss)
+    if method != "dense":  # the SGVLB: the KL of every SparseVD and SBP layer, over N
+        model.train()
+        torch.manual_seed(1)
+        with_kl = loop.make_loss(model, 100)(model(x), y, 1.0)
+        torch.manual_seed(1)
+        data_term = nn.functional.cross_entropy(model(x), y)
+        torch.testing.assert_close(with_kl - data_term, sparsevd.kl_divergence(model) / 100)
+    model.eval()
+    fast = sparsevd.sparsify(model, input_shape=(1, 28, 28))
+    torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def _prune_units(model, kept, seed=0):
+    """Prune each SBP layer down to the first ``kept`` of a random order of its units."""
+    g = torch.Generator().manual_seed(seed)
+    for (_, layer), k in zip(sparsevd.sbp_modules(model), kept):
+        with torch.no_grad():
+            layer.log_sigma[torch.randperm(layer.num_features, generator=g)[k:]] = 3.0  # SNR < 1
+    return model
+
+
+def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
+    """The SBP paper's units (LeNet-5 3-18-·-283, MLP 245-160-55): sparsify computes what
+    eval mode computes with the units cut, and the counts are the paper's."""
+    torch.manual_seed(0)
+    x = torch.rand(5, 1, 28, 28)
+    lenet5 = _prune_units(models.build("lenet5", "sbp"), [3, 18, 283]).eval()
+    fast = sparsevd.sparsify(lenet5, input_shape=(1, 28, 28))
+    torch.testing.assert_close(fast(x), lenet5(x), rtol=1e-4, atol=1e-5)
+    assert [tuple(m.weight.shape) for m in fast if isinstance(m, (nn.Linear, nn.Conv2d))] == [
+        (3, 1, 5, 5), (18, 3, 5, 5), (283, 288), (10, 283)]
+    rows, rep = results.structure(lenet5, (1, 28, 28))
+    assert [(r["units"], r["units_total"]) for r in rows] == [(3, 20), (18, 50), (288, 800), (283, 500)]
+    assert [r["kept"] for r in rows] == [75, 18 * 3 * 25, 283 * 288, 10 * 283]
+    assert loop.compression(lenet5) == (sum(r["kept"] for r in rows), 430500)
+    assert rep.total["flops_dense"] == sum(r["flops_units"] for r in rows)  # the report of the cut network
+    assert sum(r["flops_dense"] for r in rows) == 2 * (
+        20 * 25 * 24 * 24 + 50 * 20 * 25 * 8 * 8 + 800 * 500 + 500 * 10)
+    assert sum(r["flops_units"] for r in rows) == 2 * (3 * 25 * 24 * 24 + 18 * 3 * 25 * 8 * 8 + 288 * 283 + 283 * 10)
+
+    mlp = _prune_units(models.build("mlp500", "sparsevd+sbp"), [245, 160, 55]).eval()
+    fast = sparsevd.sparsify(mlp)
+    torch.testing.assert_close(fast(x), mlp(x), rtol=1e-4, atol=1e-5)
+    rows, _ = results.structure(mlp, (1, 28, 28))
+    assert [(r["units"], r["units_total"]) for r in rows] == [(245, 784), (160, 500), (55, 300)]
+    dense_flops, unit_flops = (sum(r[k] for r in rows) for k in ("flops_dense", "flops_units"))
+    assert dense_flops / unit_flops == pytest.approx(11.23, abs=0.01)  # the SBP paper's FLOPs for these units
+    # SparseVD's masks prune within the kept units too: fewer weights than the units' block
+    assert sum(r["flops_nonzero"] for r in rows) < unit_flops
+
+
+def _dense_run(tmp_path, root, model="mlp500", epochs="2"):
+    out = tmp_path / f"dense-{model}"
+    cli.run(_args(out, "--data-dir", str(root), "--model", model, "--method", "dense", "--epochs", epochs))
+    return out
+
+
+def test_sbp_run_from_a_dense_one_reports_units_flops_and_speedups(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "plot_run", lambda *args: [])  # drawn in the SparseVD run above; slow on 2 cores
+    root = _idx_dir(tmp_path / "data", n_train=300, n_test=50)
+    dense_out, out = _dense_run(tmp_path, root), tmp_path / "sbp"
+    summary = cli.run(_args(out, "--data-dir", str(root), "--model", "mlp500", "--method", "sbp", "--epochs", "2",
+                            "--init-from", str(dense_out), "--compare-dense", str(dense_out)))
+    assert summary["method"] == "sbp" and summary["threshold"] is None and summary["sbp_threshold"] == 1.0
+    assert summary["recipe"] == {"batch_size": 128, "adam_beta1": 0.95, "lr": 1e-3, "lr_decay_start": 1,
+                                 "lr_end": pytest.approx(1e-3), "kl_weight": 1.0, "kl_warmup": [0.0, 0.0],
+                                 "init_from": str(dense_out)}
+    assert [(u["layer"], u["total"]) for u in summary["units"]] == [("1", 784), ("4", 500), ("7", 300)]
+    assert [(r["layer"], r["units_total"]) for r in summary["layers"]] == [("2", 784), ("5", 500), ("8", 300)]
+    assert summary["flops"]["dense"] == 2 * (784 * 500 + 500 * 300 + 300 * 10)
+    assert [(t["device"], t["batch"]) for t in summary["timings"]] == [("cpu", 1), ("cpu", 64), ("cpu", 256)]
+    assert all(t["speedup"] > 0 and "dense_copy_s" in t for t in summary["timings"])
+    assert not summary["warnings"]  # started from the dense run: nothing to warn about
+    text = (out / "results.md").read_text()
+    units = " − ".join(str(r["units"]) for r in summary["layers"])
+    cpu64 = next(t for t in summary["timings"] if t["batch"] == 64)
+    assert "| MLP 784-500-300-10 | dense |" in text and "| 784 − 500 − 300 | 1× | 1× | 1× |" in text
+    assert f"| MLP 784-500-300-10 | SBP | {summary['test_error']:.2f} | {units} |" in text
+    assert f"| {cpu64['speedup']:.2f}× |" in text and "speed-up over the dense network" in text
+    assert "Units kept per SBP layer: layer 1 " in text and "SNR > 1" in text
+    assert "Adam (β₁ 0.95) lr 0.001 constant to epoch 1, then linear to 0.001 at the last epoch" in text
+    assert "KL weight 1 (no warm-up); from the dense network of" in text
+    log = (out / "train.log").read_text()
+    assert f"initialised from the dense network of {dense_out} (epoch 2)\n" in log
+    assert "at SNR > 1, units " in log
+    state = torch.load(out / checkpoints.CHECKPOINT, weights_only=True)
+    assert state["config"]["adam_beta1"] == 0.95 and state["config"]["lr_decay_start"] == 1
+
+
+def test_sbp_defaults_are_the_authors_recipe_and_the_lr_decays_from_half_way(tmp_path, monkeypatch, no_finish):
+    parse = lambda *flags: config.check_config(config.build_parser().parse_args(_args(tmp_path / "o", *flags)))  # noqa: E731
+    sbp = parse("--method", "sbp")
+    assert (sbp.batch_size, sbp.adam_beta1, sbp.lr_decay_start, sbp.lr_end) == (128, 0.95, 100, 0.01)
+    assert sbp.kl_warmup == [0.0, 0.0] and sbp.kl_weight == 1.0 and sbp.sbp_threshold == 1.0 and sbp.threshold is None
+    both = parse("--method", "sparsevd+sbp", "--epochs", "40")
+    assert (both.batch_size, both.adam_beta1, both.lr_decay_start, both.lr_end) == (128, 0.95, 20, 0.05)
+    assert both.kl_warmup == [1, 4] and both.threshold == "auto"  # SparseVD's warm-up for its log σ²
+    plain = parse()
+    assert (plain.batch_size, plain.adam_beta1, plain.lr_decay_start, plain.lr_end) == (100, 0.9, 0, 0.1)
+    assert plain.sbp_threshold is None and plain.kl_warmup == [5, 20]
+    given = parse("--method", "sbp", "--batch-size", "50", "--adam-beta1", "0.8", "--lr-decay-start", "3",
+                  "--lr-end", "0.5", "--kl-warmup", "0", "2")
+    assert (given.batch_size, given.adam_beta1, given.lr_decay_start, given.lr_end, given.kl_warmup) == (
+        50, 0.8, 3, 0.5, [0, 2])
+
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    betas = []
+    real_setup = cli.Run.setup
+
+    def setup(run):
+        real_setup(run)
+        betas.append(run.optimizer.param_groups[0]["betas"])
+
+    monkeypatch.setattr(cli.Run, "setup", setup)
+    out = tmp_path / "run"
+    cli.run(_args(out, "--data-dir", str(root), "--method", "sbp", "--epochs", "6", "--batch-size", "45"))
+    history = torch.load(out / checkpoints.CHECKPOINT, weights_only=True)["history"]
+    # the authors' linear_decay: lr · (epochs − e) / (epochs − start) from epoch start = 3
+    assert [h["lr"] for h in history] == pytest.approx([1e-3] * 4 + [1e-3 * 2 / 3, 1e-3 / 3])
+    assert [h["kl_weight"] for h in history] == [1.0] * 6 and betas == [(0.95, 0.999)]
+    assert "without --init-from: SBP's recipe starts from a trained dense network" in (out / "train.log").read_text()
+
+
+def test_sbp_finetuning_fixes_the_units_and_trains_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "plot_run", lambda *args: [])
+    root = _idx_dir(tmp_path / "data", n_train=200, n_test=50)
+    states, real_save = [], cli.Run.save
+
+    def save(run):
+        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_save(run)
+
+    monkeypatch.setattr(cli.Run, "save", save)
+    out = tmp_path / "run"
+    # a large lr, so that a few units are pruned in two epochs
+    summary = cli.run(_args(out, "--data-dir", str(root), "--method", "sparsevd+sbp", "--epochs", "2",
+                            "--batch-size", "20", "--lr", "0.3", "--threshold", "3", "--finetune-epochs", "2"))
+    start, end = states[2], states[-1]  # 2 epochs, the start of fine-tuning, 2 fine-tuning epochs
+    assert len(states) == 5
+    for name in ("1", "4", "7"):  # the SBP layers: the mask fixed, their parameters untouched (no noise)
+        assert torch.equal(end[f"{name}.frozen_mask"], start[f"{name}.frozen_mask"])
+        assert torch.equal(end[f"{name}.mu"], start[f"{name}.mu"])
+        assert torch.equal(end[f"{name}.log_sigma"], start[f"{name}.log_sigma"])
+    pruned = sum(int((~start[f"{n}.frozen_mask"]).sum()) for n in ("1", "4", "7"))
+    assert pruned > 0
+    assert not torch.equal(end["5.weight"], start["5.weight"])  # the weights trained
+    tuned = summary["finetune"]
+    assert tuned["before"]["units"] == tuned["after"]["units"] == loop.sbp_units(
+        _load_model(out, "lenet300", "sparsevd+sbp")) and tuned["before"]["kept"] == tuned["after"]["kept"]
+    text = (out / "results.md").read_text()
+    assert "4 epochs (2 SparseVD + SBP + 2 fine-tuning)" in text and "masks fixed at log α < 3, SNR > 1" in text
+
+
+def _load_model(out, name, method):
+    model = models.build(name, method)
+    model.load_state_dict(torch.load(out / checkpoints.CHECKPOINT, weights_only=True)["model"])
+    return model
+
+
+def test_sbp_run_resumes_like_an_uninterrupted_one(tmp_path, monkeypatch, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=250)
+    flags = ["--data-dir", str(root), "--method", "sbp", "--epochs", "3", "--batch-size", "50", "--finetune-epochs",
+             "1", "--finetune-noise"]
+    cli.run(_args(tmp_path / "straight", *flags))
+    _interrupt_after(monkeypatch, 5 + 2)  # 5 batches per epoch: dies in the second epoch
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(_args(tmp_path / "broken", *flags))
+    monkeypatch.setattr(loop, "step", _real_step)
+    cli.run(_args(tmp_path / "broken", *flags, "--resume"))
+    straight, resumed = (torch.load(tmp_path / run / checkpoints.CHECKPOINT, weights_only=True)
+                         for run in ("straight", "broken"))
+    assert resumed["epoch"] == 4 and "1.frozen_mask" in resumed["model"]
+    for name, value in straight["model"].items():  # the SBP noise too: the seeds come from the saved generator
+        assert torch.equal(resumed["model"][name], value), name
+
+
+def test_bad_sbp_starts_are_reported(tmp_path, capsys, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=100)
+    data = ["--data-dir", str(root), "--batch-size", "50", "--epochs", "1"]
+    lenet300 = _dense_run(tmp_path, root, model="lenet300", epochs="1")
+    with pytest.raises(checkpoints.CheckpointError, match=r"another network or data \(model: 'lenet300' there, "
+                                                          r"'mlp500' here"):
+        cli.run(_args(tmp_path / "new", *data, "--model", "mlp500", "--method", "sbp", "--init-from", str(lenet300)))
+    (lenet300 / "summary.json").write_text(json.dumps({"method": "dense", "model": "lenet300",
+                                                       "network": "LeNet-300-100"}))  # no_finish wrote none
+    with pytest.raises(SystemExit):
+        cli.run(_args(tmp_path / "new", *data, "--model", "mlp500", "--method", "sbp", "--compare-dense",
+                      str(lenet300)))
+    assert f"--compare-dense: {lenet300} is a dense run of LeNet-300-100; it must be a dense run of MLP " \
+           "784-500-300-10" in capsys.readouterr().err
+    state, _ = checkpoints.load_pretrained(config.check_config(config.build_parser().parse_args(
+        _args(tmp_path / "new", *data, "--method", "sbp", "--init-from", str(lenet300)))), torch.device("cpu"))
+    dense = torch.load(lenet300 / checkpoints.CHECKPOINT, weights_only=True)["model"]
+    assert torch.equal(state["2.weight"], dense["1.weight"]) and torch.equal(state["8.bias"], dense["5.bias"])
+    assert torch.all(state["1.mu"] == 0) and torch.all(state["4.log_sigma"] == -5)  # the SBP layers start fresh

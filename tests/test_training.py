@@ -207,5 +207,5 @@ def test_freeze_masks_fixes_every_layer_for_fine_tuning(noise):
     assert sparsevd.unfreeze_masks(model) == frozen and all(layer.frozen_mask is None for layer in frozen)
     model[0].threshold = 100.0
     assert model[0].kept_weights() == model[0].total_weights()  # the mask follows the threshold again
-    with pytest.raises(ValueError, match="Linear has no SparseVD layers to freeze"):
+    with pytest.raises(ValueError, match="Linear has no SparseVD or SBPDropout layers to freeze"):
         sparsevd.freeze_masks(nn.Linear(2, 2))

@@ -10,7 +10,7 @@ import torch
 import sparsevd
 
 from .config import FINETUNE_SETTINGS, INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
-from .models import MODELS, NETWORK_NAMES
+from .models import METHODS, MODELS, NETWORK_NAMES, with_sbp
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "sparsevd.train checkpoint v1"
@@ -59,8 +59,9 @@ def load_checkpoint(path, config, device):
 
 
 def load_pretrained(c, device):
-    """The dense network of the run in ``c.init_from`` as a state dict of a SparseVD model
-    (``sparsevd.convert`` of it), after checking that run fits this one."""
+    """The dense network of the run in ``c.init_from`` as a state dict of this run's model
+    (SparseVD layers: ``sparsevd.convert`` of it; SBP layers at their initial values), after
+    checking that run fits this one."""
     path = os.path.join(c.init_from, CHECKPOINT)
     state = read_checkpoint(path, device, "--init-from", prefix="--init-from: ")
     saved = state["config"]
@@ -75,4 +76,8 @@ def load_pretrained(c, device):
         dense.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as error:
         raise CheckpointError(f"--init-from: {path} does not fit {NETWORK_NAMES[c.model]}: {error}") from None
-    return sparsevd.convert(dense, log_sigma2_init=c.init_log_sigma2).state_dict(), state["epoch"]
+    sparse_vd, sbp = METHODS[c.method]
+    model = sparsevd.convert(dense, log_sigma2_init=c.init_log_sigma2) if sparse_vd else dense
+    if sbp:
+        model = with_sbp(model, c.sbp_threshold)
+    return model.state_dict(), state["epoch"]

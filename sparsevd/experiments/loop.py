@@ -1,8 +1,10 @@
 """The training loop over in-memory tensors: the loss, one epoch with the KL warm-up
-applied at every step, error rates, and a plain ``train()`` for scripts and tests."""
+applied at every step, error rates, what a pruning network keeps, and a plain
+``train()`` for scripts and tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import NamedTuple
@@ -13,6 +15,12 @@ from torch import nn
 import sparsevd
 
 from .distributed import SINGLE
+
+#: A cost model under which sparsify() keeps every layer dense: the plain inference copy
+#: (θ ⊙ mask in ordinary dense layers) that the sparse forms have to beat.
+ALWAYS_DENSE = sparsevd.CostModel(
+    cpu=dataclasses.replace(sparsevd.CostModel().cpu, csr_overhead_s=math.inf),
+    cuda=dataclasses.replace(sparsevd.CostModel().cuda, csr_overhead_s=math.inf))
 
 
 class EpochStats(NamedTuple):
@@ -47,10 +55,48 @@ def chance(y):
     return float(torch.bincount(y).max()) / len(y)
 
 
+def prunes(model):
+    """Whether ``model`` has SparseVD or SBPDropout layers."""
+    return bool(sparsevd.sparsevd_modules(model) or sparsevd.sbp_modules(model))
+
+
+def pruned_copy(model):
+    """An eval-mode copy of ``model`` in plain dense layers of the same shapes and names,
+    every weight it prunes set to zero: θ ⊙ mask of the SparseVD layers, each SBPDropout's
+    E[θ]·mask folded into a neighbouring layer (the rows, or the columns, of its pruned
+    units zero)."""
+    return sparsevd.sparsify(model, cost_model=ALWAYS_DENSE, shrink=False)
+
+
+def cut_copy(model):
+    """:func:`pruned_copy` with the pruned units cut (the layers around them shrink, names
+    kept): the dense network the pruning leaves."""
+    return sparsevd.sparsify(model, cost_model=ALWAYS_DENSE)
+
+
+_LAYERS = (sparsevd.SparseVDModule, nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def compression(model):
+    """(kept, total) weights of ``model``: without SBP layers, those the SparseVD masks keep
+    (:func:`sparsevd.compression`, the SparseVD paper's count); with them, the non-zero
+    weights of :func:`cut_copy` (a weight counts when its mask and the SBP layers keep it
+    and it connects two kept units) against the weights of ``model``'s layers."""
+    if not sparsevd.sbp_modules(model):
+        return sparsevd.compression(model)
+    kept = sum(int(torch.count_nonzero(m.weight)) for m in cut_copy(model).modules() if isinstance(m, _LAYERS))
+    return kept, sum(m.weight.numel() for m in model.modules() if isinstance(m, _LAYERS))
+
+
 def compression_ratio(model):
-    """|W| / |W≠0| over the SparseVD layers (inf when everything is pruned)."""
-    kept, total = sparsevd.compression(model)
+    """|W| / |W≠0| of what ``model`` keeps (:func:`compression`; inf when everything is pruned)."""
+    kept, total = compression(model)
     return total / kept if kept else math.inf
+
+
+def sbp_units(model):
+    """Units kept per SBPDropout layer of ``model``, in order: [kept, ...]."""
+    return [m.kept_units() for _, m in sparsevd.sbp_modules(model)]
 
 
 def data_loss():
@@ -61,9 +107,9 @@ def data_loss():
 
 
 def make_loss(model, dataset_size, kl_weight=1.0, check_collapse_every=100):
-    """``loss(output, target, warmup)``: the SGVLB for a SparseVD model, cross-entropy
-    (ignoring the warm-up) for a dense one."""
-    if sparsevd.sparsevd_modules(model):
+    """``loss(output, target, warmup)``: the SGVLB for a model with SparseVD or SBP layers,
+    cross-entropy (ignoring the warm-up) for a dense one."""
+    if prunes(model):
         return sparsevd.SGVLBLoss(model, dataset_size=dataset_size, kl_weight=kl_weight,
                                   check_collapse_every=check_collapse_every)
     return data_loss()
@@ -97,7 +143,7 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
     batches = world.batches(order.to(y.device), batch_size)
     total_loss = correct = seen = 0.0
     factor = 1.0
-    bayesian = bool(sparsevd.sparsevd_modules(model))
+    sparse_vd, sbp = bool(sparsevd.sparsevd_modules(model)), bool(sparsevd.sbp_modules(model))
     t0 = time.perf_counter()
     for i, (idx, share) in enumerate(batches):
         factor = warmup(epoch + i / len(batches)) if warmup is not None else 1.0
@@ -109,8 +155,13 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
             bar.update(1)
             if i % 20 == 0 and not bar.disable:  # this rank's examples so far
                 postfix = {"loss": f"{total_loss / seen:.3f}", "acc": f"{correct / seen:.3f}"}
-                if bayesian:
-                    postfix.update(warmup=f"{factor:.2f}", compression=f"{compression_ratio(model):.1f}x")
+                if sparse_vd or sbp:
+                    postfix["warmup"] = f"{factor:.2f}"
+                if sparse_vd:  # the SparseVD masks alone: counting through the SBP layers copies the model
+                    kept, total = sparsevd.compression(model)
+                    postfix["compression"] = f"{total / max(kept, 1):.1f}x"
+                if sbp:
+                    postfix["units"] = "-".join(map(str, sbp_units(model)))
                 bar.set_postfix(postfix, refresh=False)
     seconds = time.perf_counter() - t0
     total_loss, correct = world.sum([total_loss, correct], y.device)
@@ -136,6 +187,16 @@ def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, kl_weight=1
 
 
 def threshold_of(model):
-    """The pruning threshold of the model's SparseVD layers, as text ("3", or "2/3" when they differ)."""
+    """The pruning threshold of the model's SparseVD layers, as text ("3", or "2/3" when they
+    differ; "" without SparseVD layers)."""
     values = sorted({m.threshold for _, m in sparsevd.sparsevd_modules(model)})
     return "/".join(f"{t:g}" for t in values)
+
+
+def kept_where(model):
+    """What the model keeps, as text: "log α < 3", "SNR > 1" or both."""
+    parts = [f"log α < {threshold_of(model)}"] if sparsevd.sparsevd_modules(model) else []
+    values = sorted({m.threshold for _, m in sparsevd.sbp_modules(model)})
+    if values:
+        parts.append("SNR > " + "/".join(f"{t:g}" for t in values))
+    return ", ".join(parts)
