@@ -126,7 +126,7 @@ def render(cost, current, rows, device, im2col_measured):
 def main(paths):
     rows, device, im2col = [], None, None
     for path in paths:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
         device = device or device_type(data)
         rows += csr_rows(data)

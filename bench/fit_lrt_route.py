@@ -70,7 +70,7 @@ def render(bounds, rows):
 def main(paths):
     times = defaultdict(lambda: defaultdict(dict))
     for path in paths:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             for dtype, by_macs in route_times(json.load(f)).items():
                 for macs, t in by_macs.items():
                     times[dtype][macs].update(t)

@@ -53,7 +53,7 @@ def table(group, benches):
 def main(paths):
     out = []
     for path in paths:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
         groups = defaultdict(list)
         for bench in data["benchmarks"]:

@@ -31,7 +31,8 @@
 # Output: $OUT/results.md and $OUT/run.tar.gz (logs, JSON, device.txt, stages.tsv), both
 # rewritten after every stage (the device tool returns at most 8 files from $OUT, and
 # whatever is there when a call is cut short). Without $OUT: bench/results/run-<date>/.
-# The device copy has no .git: the commit comes from $SPARSEVD_COMMIT.
+# The device copy has no .git: the commit comes from $SPARSEVD_COMMIT. Python runs in UTF-8
+# mode (PYTHONUTF8=1): the logs and results carry non-ASCII text whatever the locale.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +48,7 @@ PY=${PYTHON:-python3}
 out=${OUT:-bench/results/run-$(date -u +%Y%m%d-%H%M%S)}
 work=$(mktemp -d "${TMPDIR:-/tmp}/sparsevd-run.XXXXXX")
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONUNBUFFERED=1 PYTHONUTF8=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 [[ $mode == quick ]] && export SPARSEVD_BENCH_QUICK=1
 [[ -n $dry ]] && export SPARSEVD_BENCH_DEVICE=cuda  # collect the GPU grids on any machine
 declare -A CAP
@@ -62,7 +63,9 @@ start=$SECONDS
 status=0
 
 checkpoint() {  # results.md and the archive, as they stand
-  "$PY" bench/targets.py "$work" >"$work/results.md" 2>"$work/targets.log" || status=1
+  if ! "$PY" bench/targets.py "$work" >"$work/results.md" 2>"$work/targets.log"; then
+    status=1; echo "== results.md not written: bench/targets.py failed"; tail -15 "$work/targets.log"
+  fi
   cp "$work/results.md" "$out/results.md"
   tar -czf "$out/run.tar.gz" -C "$work" .
 }
@@ -108,7 +111,9 @@ if [[ -n $dry ]]; then
 else
   run_stage build "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
 fi
-"$PY" -c "import sparsevd; print(sparsevd.dispatch.describe())" >>"$work/device.txt" 2>&1 || status=1
+if ! "$PY" -c "import sparsevd; print(sparsevd.dispatch.describe())" >>"$work/device.txt" 2>&1; then
+  status=1; echo "== sparsevd does not import:"; tail -15 "$work/device.txt"
+fi
 
 run_stage tests "$PY" -m pytest "${tests[@]}" "${test_flags[@]}" "${pytest_flags[@]}"
 

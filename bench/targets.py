@@ -29,7 +29,7 @@ def load(run_dir, name):
     path = os.path.join(run_dir, f"bench_{name}.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
@@ -163,7 +163,7 @@ def _guarded(fit, paths):
 
 def read(run_dir, name):
     path = os.path.join(run_dir, name)
-    return open(path).read() if os.path.exists(path) else ""
+    return open(path, encoding="utf-8", errors="replace").read() if os.path.exists(path) else ""
 
 
 def main(run_dir):

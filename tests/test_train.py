@@ -1,6 +1,7 @@
 """The training command: it learns, resumes exactly, refuses bad checkpoints and data,
 and writes its report and plots. Tiny data, few epochs."""
 
+import argparse
 import gzip
 import json
 import math
@@ -162,6 +163,8 @@ def test_models_have_the_papers_shapes():
     (["--lr-decay-start", "-1"], "--lr-decay-start must be an epoch in 0..199"),
     (["--method", "sbp", "--threshold", "3"], "has none (SBP keeps the units with SNR > --sbp-threshold)"),
     (["--sbp-threshold", "2"], "--sbp-threshold applies to SBP layers"),
+    (["--sbp-lr", "0.01"], "--sbp-lr must be a finite number > 0 and needs SBP layers"),
+    (["--method", "sbp", "--sbp-lr", "0"], "--sbp-lr must be a finite number > 0"),
     (["--method", "sbp", "--sbp-threshold", "nan"], "--sbp-threshold must be a finite number ≥ 0"),
     (["--method", "sbp", "--init-log-sigma2", "-8"], "which --method sbp has none of"),
     (["--kl-warmup", "1", "1.5"], "--kl-warmup: the warm-up from epoch 1 to 1.5 would take the KL weight"),
@@ -610,7 +613,7 @@ def test_sbp_run_from_a_dense_one_reports_units_flops_and_speedups(tmp_path, mon
     summary = cli.run(_args(out, "--data-dir", str(root), "--model", "mlp500", "--method", "sbp", "--epochs", "2",
                             "--init-from", str(dense_out), "--compare-dense", str(dense_out)))
     assert summary["method"] == "sbp" and summary["threshold"] is None and summary["sbp_threshold"] == 1.0
-    assert summary["recipe"] == {"batch_size": 128, "adam_beta1": 0.95, "lr": 1e-3, "lr_decay_start": 1,
+    assert summary["recipe"] == {"batch_size": 128, "adam_beta1": 0.95, "lr": 1e-3, "sbp_lr": None, "lr_decay_start": 1,
                                  "lr_end": pytest.approx(1e-3), "kl_weight": 1.0, "kl_warmup": [0.0, 0.0],
                                  "init_from": str(dense_out)}
     assert [(u["layer"], u["total"]) for u in summary["units"]] == [("1", 784), ("4", 500), ("7", 300)]
@@ -658,7 +661,9 @@ def test_sbp_defaults_are_the_authors_recipe_and_the_lr_decays_from_half_way(tmp
     def setup(run):
         real_setup(run)
         betas.append(run.optimizer.param_groups[0]["betas"])
+        groups.append(run.optimizer.param_groups)
 
+    groups = []
     monkeypatch.setattr(cli.Run, "setup", setup)
     out = tmp_path / "run"
     cli.run(_args(out, "--data-dir", str(root), "--method", "sbp", "--epochs", "6", "--batch-size", "45"))
@@ -667,6 +672,17 @@ def test_sbp_defaults_are_the_authors_recipe_and_the_lr_decays_from_half_way(tmp
     assert [h["lr"] for h in history] == pytest.approx([1e-3] * 4 + [1e-3 * 2 / 3, 1e-3 / 3])
     assert [h["kl_weight"] for h in history] == [1.0] * 6 and betas == [(0.95, 0.999)]
     assert "without --init-from: SBP's recipe starts from a trained dense network" in (out / "train.log").read_text()
+    # --sbp-lr: μ and log σ in a group of their own, on the same schedule
+    assert [g["initial_lr"] for g in groups[0]] == [1e-3, 1e-3]  # without it, --lr
+    groups.clear()
+    cli.run(_args(tmp_path / "fast", "--data-dir", str(root), "--method", "sbp", "--epochs", "2", "--sbp-lr", "0.02"))
+    sbp_group, net_group = groups[0][1], groups[0][0]
+    assert all(p.dim() == 1 and p.shape[0] in (784, 300, 100) for p in sbp_group["params"])
+    assert len(sbp_group["params"]) == 6 and sbp_group["initial_lr"] == 0.02 and net_group["initial_lr"] == 1e-3
+    saved = torch.load(tmp_path / "fast" / checkpoints.CHECKPOINT, weights_only=True)["config"]
+    assert saved["sbp_lr"] == 0.02
+    text = results.recipe_text(results.recipe(argparse.Namespace(**saved)))
+    assert "(SBP's μ and log σ: lr 0.02, on the same schedule)" in text
 
 
 def test_sbp_finetuning_fixes_the_units_and_trains_the_weights(tmp_path, monkeypatch):

@@ -69,7 +69,14 @@ class Run:
         current phase: the training epochs, or the fine-tuning with the masks fixed."""
         c, device = self.c, torch.device(self.c.device)
         if self.finetune is None:
-            params, lr, epochs = list(self.model.parameters()), c.lr, c.epochs - c.lr_decay_start
+            # SBP's μ and log σ in a group of their own: --sbp-lr lets a run shorter than
+            # the authors' 200 epochs move them as far
+            sbp = {id(p) for _, m in sparsevd.sbp_modules(self.model) for p in m.parameters()}
+            params = [{"params": [p for p in self.model.parameters() if id(p) not in sbp]}]
+            if sbp:
+                params.append({"params": [p for p in self.model.parameters() if id(p) in sbp],
+                               "lr": c.sbp_lr if c.sbp_lr is not None else c.lr})
+            lr, epochs = c.lr, c.epochs - c.lr_decay_start
         else:
             # Fixing the masks again after a resume changes nothing (the masks came with
             # the state dict, the pruned weights are zero); it sets the noise mode, which
@@ -151,7 +158,7 @@ def _logger(out, world):
     log.disabled = not world.main  # not a handler: logging_redirect_tqdm adds one to the console
     if not world.main:
         return log
-    file_handler = logging.FileHandler(os.path.join(out, "train.log"))
+    file_handler = logging.FileHandler(os.path.join(out, "train.log"), encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console = logging.StreamHandler(sys.stderr)  # routed around the progress bars by logging_redirect_tqdm
     console.setFormatter(logging.Formatter("%(message)s"))

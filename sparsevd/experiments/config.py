@@ -18,14 +18,14 @@ from .models import METHODS, MODELS
 #: of processes is one of them: another one would split the batches and draw the noise
 #: differently from the run the checkpoint began.
 RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size", "lr", "lr_end", "lr_decay_start",
-                "adam_beta1", "kl_warmup", "kl_weight", "seed", "val_fraction", "train_size", "random_labels",
+                "adam_beta1", "sbp_lr", "kl_warmup", "kl_weight", "seed", "val_fraction", "train_size", "random_labels",
                 "init_from", "init_log_sigma2", "world_size")
 #: Settings of the fine-tuning, which a checkpoint must share once fine-tuning has begun
 #: (before, they have had no effect: a finished run can be fine-tuned with --resume).
 FINETUNE_SETTINGS = ("finetune_epochs", "finetune_noise", "finetune_lr", "threshold", "threshold_tolerance",
                      "sbp_threshold")
 #: What a setting added since a checkpoint was written meant before it existed.
-SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1, "lr_decay_start": 0, "adam_beta1": 0.9}
+SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1, "lr_decay_start": 0, "adam_beta1": 0.9, "sbp_lr": None}
 #: The recipes' defaults. SparseVD's (and the dense baseline's): Adam 1e-3, batch 100, lr
 #: decaying linearly from the start to 0.1 × lr. SBP's, from its authors' code
 #: (necludov/group-sparsity-sbp, scripts/lenet/lenet5-sbp.py, nets/policies.py): batch 128,
@@ -96,6 +96,10 @@ def build_parser():
     p.add_argument("--lr-decay-start", type=int, default=None, metavar="EPOCH",
                    help="the lr stays at --lr for the first EPOCH epochs, then decays (default 0; with SBP half of "
                         "--epochs, the authors' 100 of 200)")
+    p.add_argument("--sbp-lr", type=float, default=None,
+                   help="Adam learning rate of the SBP layers' μ and log σ, on the same schedule as --lr (default: "
+                        "--lr). The authors' 200 epochs move them from their start (log σ = −5) to pruning; a "
+                        "shorter run prunes as far with a proportionally larger --sbp-lr")
     p.add_argument("--adam-beta1", type=float, default=None,
                    help="Adam's β₁ (default 0.9, torch's; with SBP 0.95, the SBP authors')")
     p.add_argument("--kl-weight", type=float, default=None,
@@ -181,6 +185,9 @@ def check_config(c, world=SINGLE):
     if not 0 <= c.lr_decay_start < c.epochs:
         raise ValueError(f"--lr-decay-start must be an epoch in 0..{c.epochs - 1} (--epochs {c.epochs}), got "
                          f"{c.lr_decay_start}")
+    if c.sbp_lr is not None and not (sbp and math.isfinite(c.sbp_lr) and c.sbp_lr > 0):
+        raise ValueError(f"--sbp-lr must be a finite number > 0 and needs SBP layers (--method sbp or sparsevd+sbp), "
+                         f"got {c.sbp_lr} with --method {c.method}")
     if not 0 <= c.adam_beta1 < 1:
         raise ValueError(f"--adam-beta1 must be in [0, 1), got {c.adam_beta1}")
     if not 0 < c.val_fraction < 1:

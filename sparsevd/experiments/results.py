@@ -210,7 +210,7 @@ def read_summary(run_dir, model):
     """The summary.json of the finished dense run of network ``model`` in ``run_dir`` (--compare-dense)."""
     path = os.path.join(run_dir, "summary.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             summary = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"--compare-dense: cannot read {path} ({error}); is that run finished?") from None
@@ -237,8 +237,8 @@ def recipe(c):
     """The optimisation recipe of the run's training epochs (the flags with their defaults
     filled in), as a dict."""
     with_kl = any(METHODS[c.method])
-    return {"batch_size": c.batch_size, "adam_beta1": c.adam_beta1, "lr": c.lr, "lr_decay_start": c.lr_decay_start,
-            "lr_end": c.lr * c.lr_end, "kl_weight": c.kl_weight if with_kl else None,
+    return {"batch_size": c.batch_size, "adam_beta1": c.adam_beta1, "lr": c.lr, "sbp_lr": c.sbp_lr,
+            "lr_decay_start": c.lr_decay_start, "lr_end": c.lr * c.lr_end, "kl_weight": c.kl_weight if with_kl else None,
             "kl_warmup": list(c.kl_warmup) if with_kl else None, "init_from": c.init_from}
 
 
@@ -247,6 +247,8 @@ def recipe_text(r):
     decay = f"constant to epoch {r['lr_decay_start']}, then linear" if r["lr_decay_start"] else "linear"
     text = f"batch {r['batch_size']}, Adam (β₁ {r['adam_beta1']:g}) lr {r['lr']:g} {decay} to {r['lr_end']:.3g} " \
            "at the last epoch"
+    if r.get("sbp_lr") is not None:
+        text += f" (SBP's μ and log σ: lr {r['sbp_lr']:g}, on the same schedule)"
     if r["kl_warmup"] is not None:
         start, end = r["kl_warmup"]
         warm = f"0 until epoch {start:g}, linear to it at {end:g}" if end > start else "no warm-up"
@@ -317,10 +319,10 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
 
     summary["plots"] = plots.plot_run(c.out, history, snapshots, model if sparse_vd else None,
                                       selection["curve"], summary["threshold"], dense["val_error"] if dense else None)
-    with open(os.path.join(c.out, "summary.json"), "w") as f:
+    with open(os.path.join(c.out, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     text = results_markdown(summary, rep if pruning else None, dense)
-    with open(os.path.join(c.out, "results.md"), "w") as f:
+    with open(os.path.join(c.out, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     log.info("\n" + text)
     return summary
