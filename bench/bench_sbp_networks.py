@@ -34,6 +34,7 @@ UNITS = {
     "LeNet-300-100, SBP (f300-sbp-init-s0)": ("lenet300", (755, 245, 85)),
     "LeNet-5-Caffe, SBP (f5-sbp-e30-lr1e-2)": ("lenet5", (20, 46, 261)),
     "LeNet-5-Caffe, SBP, KL weight 10 (f5-sbp-e30-lr1e-2-kl10)": ("lenet5", (20, 46, 94)),
+    "LeNet-5-Caffe, SBP, KL weight 30 (f5-sbp-e30-lr1e-2-kl30-ft5)": ("lenet5", (20, 45, 41)),
     "LeNet-5-Caffe, SBP, KL weight 100 (f5-sbp-e30-lr1e-2-kl100)": ("lenet5", (12, 19, 10)),
 }
 
