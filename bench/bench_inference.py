@@ -17,7 +17,6 @@ setting); every case runs under ``torch.no_grad()``.
 
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
@@ -28,20 +27,14 @@ import sparsevd
 from sparsevd.sparsify import CPU_COST, CUDA_COST
 
 DEV = harness.device()
-THREADS = int(os.environ.get("SPARSEVD_BENCH_THREADS", "1"))
+
 BATCH = [1, 256] if harness.QUICK else [1, 16, 256, 4096]
 SPARSITY = (0.989, 0.972, 0.620)  # the paper's LeNet-300-100, per layer
 _DENSE_ONLY = sparsevd.CostModel(cpu=dataclasses.replace(CPU_COST, csr_overhead_s=float("inf")),
                                  cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=float("inf")))
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    if DEV.type == "cpu":
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_threads")
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,7 +78,7 @@ def test_lenet_300_100(benchmark, impl, batch):
 
     kept, total = sparsevd.compression(_lenet())
     benchmark.group = f"LeNet-300-100 at the paper's sparsity ({total / kept:.0f}x), batch={batch}"
-    harness.measure(benchmark, run, DEV, impl=impl, batch=batch, threads=THREADS,
+    harness.measure(benchmark, run, DEV, impl=impl, batch=batch, threads=harness.THREADS,
                     layers=" ".join(type(m).__name__ for m in (net.modules() if impl != "dense-compile" else [])))
 
 
@@ -108,4 +101,4 @@ def test_sparse_linear_call_overhead(benchmark, impl):
             fn()
 
     benchmark.group = "300x784 at 98.9%, batch 1: SparseLinear module vs the raw op"
-    harness.measure(benchmark, run, DEV, impl=impl, threads=THREADS)
+    harness.measure(benchmark, run, DEV, impl=impl, threads=harness.THREADS)

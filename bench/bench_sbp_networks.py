@@ -15,7 +15,6 @@ CPU cases run with ``SPARSEVD_BENCH_THREADS`` torch threads (default 1, the issu
 """
 
 import functools
-import os
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ import sparsevd
 from sparsevd.experiments.models import MODELS, with_sbp
 
 DEV = harness.device()
-THREADS = int(os.environ.get("SPARSEVD_BENCH_THREADS", "1"))
+
 BATCH = [1, 64] if harness.QUICK else [1, 64, 256]
 #: network → units kept per SBP layer, as the runs of docs/results.md (Fashion-MNIST) ended
 UNITS = {
@@ -39,13 +38,7 @@ UNITS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    if DEV.type == "cpu":
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_threads")
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,4 +83,4 @@ def test_sbp_network(benchmark, name, impl, batch):
 
     units = "-".join(map(str, UNITS[name][1]))
     benchmark.group = f"{name}, units {units}, batch={batch}"
-    harness.measure(benchmark, run, DEV, impl=impl, batch=batch, threads=THREADS, units=units)
+    harness.measure(benchmark, run, DEV, impl=impl, batch=batch, threads=harness.THREADS, units=units)

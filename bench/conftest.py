@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # bench files import harness
@@ -34,3 +35,16 @@ def pytest_benchmark_update_commit_info(config, commit_info):
         commit_info["dirty_files"] = [line[3:] for line in dirty.splitlines()]
     except OSError:
         pass
+
+
+@pytest.fixture
+def bench_threads():
+    """Torch's CPU threads at ``harness.THREADS`` for the case (model-level latency as a
+    user calls it, one thread by default), restored after; nothing on a GPU."""
+    import harness
+
+    before = torch.get_num_threads()
+    if harness.device().type == "cpu":
+        torch.set_num_threads(harness.THREADS)
+    yield
+    torch.set_num_threads(before)

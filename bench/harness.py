@@ -24,6 +24,8 @@ MIN_ROUND_S = 0.02
 KERNEL_TIME_BELOW_S = 2e-4
 ROUNDS = int(os.environ.get("SPARSEVD_BENCH_ROUNDS", "15"))
 QUICK = os.environ.get("SPARSEVD_BENCH_QUICK") == "1"
+#: torch threads of the CPU cases timed as a user calls them (the issues' targets: one)
+THREADS = int(os.environ.get("SPARSEVD_BENCH_THREADS", "1"))
 
 
 def device():

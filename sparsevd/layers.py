@@ -327,20 +327,27 @@ class SparseVDModule(nn.Module):
                 f"variant {saved[0]!r}, but this layer has {self.variant!r}; build it with the same alpha to load "
                 f"it (or drop {prefix + _VARIANCE_NAMES[saved[0]]!r} to load θ and the bias only)"
             )
-        # The fixed mask of fine-tuning is part of the saved state: adopt the saved one (or
-        # its absence), so a loaded layer prunes exactly what the saved one did.
-        frozen = state_dict.get(prefix + "frozen_mask")
-        if frozen is None:
-            self.frozen_mask = None
-        elif isinstance(frozen, torch.Tensor) and frozen.dtype == torch.bool and frozen.shape == self.weight.shape:
-            self.frozen_mask = torch.empty_like(frozen, device=self.weight.device)
-        else:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: frozen_mask must be a bool tensor of "
-                              f"the weight's shape {tuple(self.weight.shape)}, got {getattr(frozen, 'dtype', type(frozen))} "
-                              f"{tuple(getattr(frozen, 'shape', ()))}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        if adopt_frozen_mask(self, state_dict, prefix, self.weight, error_msgs):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+
+
+def adopt_frozen_mask(module, state_dict, prefix, like, error_msgs):
+    """Before ``module`` loads ``state_dict``: the fixed mask of fine-tuning is part of the
+    saved state, so adopt the saved one (or its absence) and a loaded layer prunes exactly
+    what the saved one did. ``like``: the tensor the mask has the shape and device of.
+    Returns False, with the reason in ``error_msgs``, when the saved mask is not one."""
+    frozen = state_dict.get(prefix + "frozen_mask")
+    if frozen is None:
+        module.frozen_mask = None
+    elif isinstance(frozen, torch.Tensor) and frozen.dtype == torch.bool and frozen.shape == like.shape:
+        module.frozen_mask = torch.empty_like(frozen, device=like.device)
+    else:
+        error_msgs.append(f"{prefix.rstrip('.') or type(module).__name__}: frozen_mask must be a bool tensor of "
+                          f"shape {tuple(like.shape)}, got {getattr(frozen, 'dtype', type(frozen))} "
+                          f"{tuple(getattr(frozen, 'shape', ()))}")
+        return False
+    return True
 
 
 class SparseVDLinear(SparseVDModule):

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import backends, reference  # noqa: F401  (importing backends registers the kernels)
 from .functional import _as_seed, _check_same, _check_tensor
+from .layers import adopt_frozen_mask
 
 __all__ = ["SBPDropout", "sbp_kl", "sbp_sample", "sbp_noise", "sbp_modules"]
 
@@ -228,20 +229,9 @@ class SBPDropout(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # The fixed mask of fine-tuning is part of the saved state: adopt the saved one (or
-        # its absence), so a loaded layer keeps exactly the units the saved one kept.
-        frozen = state_dict.get(prefix + "frozen_mask")
-        if frozen is None:
-            self.frozen_mask = None
-        elif isinstance(frozen, torch.Tensor) and frozen.dtype == torch.bool and frozen.shape == self.mu.shape:
-            self.frozen_mask = torch.empty_like(frozen, device=self.mu.device)
-        else:
-            error_msgs.append(f"{prefix.rstrip('.') or type(self).__name__}: frozen_mask must be a bool tensor of "
-                              f"shape {tuple(self.mu.shape)}, got {getattr(frozen, 'dtype', type(frozen))} "
-                              f"{tuple(getattr(frozen, 'shape', ()))}")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        if adopt_frozen_mask(self, state_dict, prefix, self.mu, error_msgs):
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
 
     def kept_units(self):
         return int(self.mask().sum())
