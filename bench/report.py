@@ -9,6 +9,7 @@ time per call, without the CPU's launch cost that bounds the wall time of such c
 """
 
 import json
+import os
 import sys
 from collections import defaultdict
 
@@ -53,6 +54,9 @@ def table(group, benches):
 def main(paths):
     out = []
     for path in paths:
+        if os.path.getsize(path) == 0:
+            # pytest-benchmark before 5.0 creates the file before any benchmark has run
+            sys.exit(f"{path} is empty: that pytest run saved no benchmark (none selected, or it stopped early)")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         groups = defaultdict(list)

@@ -26,11 +26,19 @@ CSR_SHAPE = (4096, 4096)
 
 
 def load(run_dir, name):
+    """The stage's benchmark JSON, or None when it holds nothing to read: pytest-benchmark
+    before 5.0 creates the file empty when pytest starts, so a stage that ran no benchmark
+    (a dry run, a crash, a timeout) leaves an empty file, and a stage killed while writing
+    leaves a cut one. Either reads as not measured, which stages.tsv then explains."""
     path = os.path.join(run_dir, f"bench_{name}.json")
-    if not os.path.exists(path):
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        print(f"{path}: not valid JSON ({error}); read as not measured", file=sys.stderr)
+        return None
 
 
 def times(data, kernels=False):
@@ -192,9 +200,8 @@ def main(run_dir):
         out += ["## The LRT route rule these measurements set\n",
                 _guarded(fit_lrt_route.main, [os.path.join(run_dir, "bench_lrt.json")])]
     if csr:
-        paths = [os.path.join(run_dir, f"bench_{n}.json") for n in ("csr", "conv")]
-        out += ["## sparsify()'s cost model fitted to these measurements\n",
-                _guarded(fit_cost_model.main, [p for p in paths if os.path.exists(p)])]
+        paths = [os.path.join(run_dir, f"bench_{n}.json") for n, data in (("csr", csr), ("conv", conv)) if data]
+        out += ["## sparsify()'s cost model fitted to these measurements\n", _guarded(fit_cost_model.main, paths)]
     for name, data in (("LRT", lrt), ("KL", kl), ("CSR", csr), ("conv", conv), ("inference", inference)):
         if data:
             out += [f"## {name}\n", header(data), tables(data)]

@@ -172,6 +172,32 @@ def test_results_markdown(tmp_path):
     assert "No forward+backward rows of both LRT routes" in text  # these rows carry no route data
 
 
+def test_empty_or_cut_benchmark_files_read_as_not_measured(tmp_path, capsys):
+    # pytest-benchmark < 5 leaves an empty file when a stage runs no benchmark; a stage
+    # killed while saving leaves a cut one: neither may cost the other stages' results
+    grp = "csr N=4096 K=4096 sparsity=99.0% batch=1"
+    base = dict(shape=[4096, 4096], sparsity=0.99, batch=1, flops=2 * 167772)
+    rows = [(grp, 10e-6, dict(base, impl="dense-bf16")), (grp, 1e-6, dict(base, impl="sparsevd-bf16", bytes=1e6))]
+    (tmp_path / "bench_csr.json").write_text(json.dumps(bench_json(rows)))
+    (tmp_path / "bench_lrt.json").write_text("")
+    (tmp_path / "bench_conv.json").write_text("")
+    (tmp_path / "bench_kl.json").write_text(json.dumps(bench_json([]))[:20])
+    assert targets.load(str(tmp_path), "lrt") is None and targets.load(str(tmp_path), "kl") is None
+    assert "bench_kl.json: not valid JSON" in capsys.readouterr().err
+    text = targets.main(str(tmp_path))
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| CSR 4096² 99%, batch 1: dense bf16") and "**met**" in line for line in lines)
+    assert any(line.startswith("| LRT fwd+bwd bf16 4096³") and "not measured" in line for line in lines)
+    assert "CUDA_COST = DeviceCost(" in text  # the cost model fitted without the empty conv file
+
+
+def test_report_refuses_an_empty_file(tmp_path):
+    (tmp_path / "out.json").write_text("")
+    done = subprocess.run([sys.executable, "bench/report.py", str(tmp_path / "out.json")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "is empty" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_csr_targets_use_gpu_kernel_time(tmp_path):
     # wall time of µs-sized calls is the CPU's launch cost; the verdict uses the kernels' time
     grp = "csr N=4096 K=4096 sparsity=99.0% batch=1"
