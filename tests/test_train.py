@@ -432,9 +432,10 @@ def test_finetuning_fixes_the_mask_at_the_chosen_threshold_and_reports_before_an
     root = _idx_dir(tmp_path / "data", n_train=300, n_test=100)
     states, real_save = [], cli.Run.save
 
-    def save(run):  # the model at every checkpoint
-        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
-        real_save(run)
+    def save(run, name=checkpoints.CHECKPOINT):  # the model at every checkpoint
+        if name == checkpoints.CHECKPOINT:
+            states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_save(run, name)
 
     monkeypatch.setattr(cli.Run, "save", save)
     out = tmp_path / "run"
@@ -505,6 +506,39 @@ def test_finetuning_resumes_in_either_phase_and_a_finished_run_can_be_finetuned(
         assert torch.equal(later["model"][key], value), key
 
 
+def test_resume_from_the_checkpoint_before_finetuning_finetunes_again_at_another_threshold(tmp_path, no_finish):
+    root = _idx_dir(tmp_path / "data", n_train=250)
+    flags = ["--data-dir", str(root), "--epochs", "2", "--batch-size", "45", "--finetune-epochs", "2"]
+    cli.run(_args(tmp_path / "auto", *flags))
+    kept = tmp_path / "auto" / checkpoints.BEFORE_FINETUNE
+    before = torch.load(kept, weights_only=True)
+    assert before["epoch"] == 2 and before["finetune"] is None
+    # the same training fine-tuned at another threshold ends as a run given it from the start
+    cli.run(_args(tmp_path / "again", *flags, "--threshold", "-1", "--resume-from", str(kept)))
+    cli.run(_args(tmp_path / "straight", *flags, "--threshold", "-1"))
+    again = torch.load(tmp_path / "again" / checkpoints.CHECKPOINT, weights_only=True)
+    straight = torch.load(tmp_path / "straight" / checkpoints.CHECKPOINT, weights_only=True)
+    assert again["finetune"]["threshold"] == straight["finetune"]["threshold"] == -1.0
+    assert torch.load(tmp_path / "auto" / checkpoints.CHECKPOINT, weights_only=True)["finetune"]["threshold"] != -1.0
+    for key, value in straight["model"].items():
+        assert torch.equal(again["model"][key], value), key
+    strip = lambda h: [{k: v for k, v in row.items() if "seconds" not in k} for row in h]  # noqa: E731
+    assert strip(again["history"]) == strip(straight["history"])
+    log = (tmp_path / "again" / "train.log").read_text()
+    assert f"resumed {kept} after epoch 2/4" in log and "--resume-from" in log
+    assert torch.load(kept, weights_only=True)["epoch"] == 2  # the source is read, never written
+
+    with pytest.raises(checkpoints.CheckpointError, match=r"different run \(seed: checkpoint 0, now 1"):
+        cli.run(_args(tmp_path / "seed1", *flags, "--seed", "1", "--resume-from", str(kept)))
+    with pytest.raises(checkpoints.CheckpointError, match="--resume-from: no checkpoint"):
+        cli.run(_args(tmp_path / "missing", *flags, "--resume-from", str(tmp_path / "nothing.pt")))
+    with pytest.raises(checkpoints.CheckpointError, match="exists: pass --resume"):
+        cli.run(_args(tmp_path / "again", *flags, "--resume-from", str(kept)))
+    (tmp_path / "cut.pt").write_bytes(kept.read_bytes()[:1000])
+    with pytest.raises(checkpoints.CheckpointError, match="cut.pt is corrupt or not a checkpoint"):
+        cli.run(_args(tmp_path / "cut", *flags, "--resume-from", str(tmp_path / "cut.pt")))
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--finetune-noise"], "--finetune-noise applies only with --finetune-epochs"),
     (["--finetune-lr", "1e-3"], "--finetune-lr applies only with --finetune-epochs"),
@@ -513,6 +547,7 @@ def test_finetuning_resumes_in_either_phase_and_a_finished_run_can_be_finetuned(
     (["--finetune-epochs", "2", "--finetune-lr", "0"], "--finetune-lr must be a finite number > 0"),
     (["--threads", "0"], "--threads must be ≥ 1"),
     (["--dist-timeout", "0"], "--dist-timeout must be a finite number of seconds > 0"),
+    (["--resume", "--resume-from", "x.pt"], "give one of them"),
 ])
 def test_bad_finetuning_and_process_flags_are_reported(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -690,9 +725,10 @@ def test_sbp_finetuning_fixes_the_units_and_trains_the_weights(tmp_path, monkeyp
     root = _idx_dir(tmp_path / "data", n_train=200, n_test=50)
     states, real_save = [], cli.Run.save
 
-    def save(run):
-        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
-        real_save(run)
+    def save(run, name=checkpoints.CHECKPOINT):
+        if name == checkpoints.CHECKPOINT:
+            states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_save(run, name)
 
     monkeypatch.setattr(cli.Run, "save", save)
     out = tmp_path / "run"

@@ -1,5 +1,6 @@
-"""The training command's checkpoints: written every epoch, read back by --resume (the
-same run only) and by --init-from (a dense run of the same network and data)."""
+"""The training command's checkpoints: written every epoch, read back by --resume and
+--resume-from (the same run only) and by --init-from (a dense run of the same network and
+data)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from .config import FINETUNE_SETTINGS, INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEF
 from .models import METHODS, MODELS, NETWORK_NAMES, with_sbp
 
 CHECKPOINT = "checkpoint.pt"
+#: The run as its training epochs left it, kept when fine-tuning begins: --resume-from it
+#: fine-tunes the same training again at another threshold, into another directory.
+BEFORE_FINETUNE = "checkpoint-before-finetune.pt"
 CHECKPOINT_FORMAT = "sparsevd.train checkpoint v1"
 
 
@@ -41,10 +45,10 @@ def read_checkpoint(path, device, flag, prefix="", advice=""):
     return state
 
 
-def load_checkpoint(path, config, device):
+def load_checkpoint(path, config, device, flag="--resume"):
     """The checkpoint at ``path`` as a dict, after checking it belongs to this run: the
     settings of the run, and those of the fine-tuning once it has begun."""
-    state = read_checkpoint(path, device, "--resume", advice="; delete it to start over")
+    state = read_checkpoint(path, device, flag, advice="; delete it to start over" if flag == "--resume" else "")
     saved = state["config"]
     settings = RUN_SETTINGS + (FINETUNE_SETTINGS if state.get("finetune") is not None else ())
     differ = [k for k in settings if saved.get(k, SETTINGS_BEFORE.get(k)) != config[k]]

@@ -23,8 +23,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 import sparsevd
 
 from . import config, distributed, loop, plots, results
-from .checkpoints import (CHECKPOINT, CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, load_pretrained,
-                          save_checkpoint)
+from .checkpoints import (BEFORE_FINETUNE, CHECKPOINT, CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
+                          load_pretrained, save_checkpoint)
 from .data import load_data
 from .models import METHOD_NAMES, METHODS, NETWORK_NAMES, build
 
@@ -48,10 +48,6 @@ class Run:
     collapse_reported: bool = False
     epoch: int = 0  # epochs done, fine-tuning included
     finetune: dict = None  # once fine-tuning has begun: its threshold and what it started from
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.c.out, CHECKPOINT)
 
     def warn(self, line):
         self.log.warning(line)
@@ -106,11 +102,11 @@ class Run:
         if self.finetune is not None or self.epoch > self.c.lr_decay_start:
             self.scheduler.step()
 
-    def save(self):
+    def save(self, name=CHECKPOINT):
         if not self.world.main:
             return
         device = torch.device(self.c.device)
-        save_checkpoint(self.checkpoint_path, {
+        save_checkpoint(os.path.join(self.c.out, name), {
             "format": CHECKPOINT_FORMAT, "config": self.config, "epoch": self.epoch,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -119,23 +115,24 @@ class Run:
             "collapse_reported": self.collapse_reported, "finetune": self.finetune,
         })
 
+    @staticmethod
     @contextlib.contextmanager
-    def _fitting(self):
+    def _fitting(path):
         try:
             yield
         except (RuntimeError, ValueError, KeyError) as error:
-            raise CheckpointError(f"{self.checkpoint_path} does not fit this model: {error}") from None
+            raise CheckpointError(f"{path} does not fit this model: {error}") from None
 
-    def restore(self, state):
-        """Continue from the checkpoint ``state``, in the phase it was written in.
+    def restore(self, state, path):
+        """Continue from the checkpoint ``state`` (read from ``path``), in the phase it was written in.
 
         Rank 0's random state is restored on every rank: the ranks draw the same seeds from
         torch's generator, step for step (each mixes its rank into them), so it is theirs too."""
-        with self._fitting():
+        with self._fitting(path):
             self.model.load_state_dict(state["model"])
         self.finetune = state.get("finetune")  # none in checkpoints from before fine-tuning existed
         self.setup()
-        with self._fitting():
+        with self._fitting(path):
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"].cpu())
@@ -253,6 +250,7 @@ def start_finetune(run):
     measure the network as it is, and set up the fine-tuning; checkpointed, so that a
     resumed run fine-tunes the same masks."""
     c = run.c
+    run.save(BEFORE_FINETUNE)  # before the threshold's choice draws from the random state
     selection = results.select_threshold(c, run.model, run.data, run.world)
     before = results.measure(run.model, run.data, run.world)
     run.finetune = {**selection, "before": before, "epochs": c.finetune_epochs, "noise": c.finetune_noise,
@@ -280,7 +278,8 @@ def run(argv=None):
 
 
 def _run(c, saved, world, device):
-    pretrained = load_pretrained(c, device) if c.init_from and not c.resume else None
+    resume = c.resume_from or (os.path.join(c.out, CHECKPOINT) if c.resume else None)
+    pretrained = load_pretrained(c, device) if c.init_from and not resume else None
     if world.main:
         os.makedirs(c.out, exist_ok=True)
     ckpt_path = os.path.join(c.out, CHECKPOINT)
@@ -296,11 +295,14 @@ def _run(c, saved, world, device):
         if pretrained is not None:
             model.load_state_dict(pretrained[0])
         state = Run(c, saved, model, data, log, world)
-        if c.resume:
-            checkpoint = load_checkpoint(ckpt_path, saved, device)
-            state.restore(checkpoint)
-            saved["command"] = checkpoint["config"].get("command", saved["command"])
-            log.info(f"resumed {ckpt_path} after epoch {state.epoch}/{c.epochs + c.finetune_epochs}")
+        if resume:
+            checkpoint = load_checkpoint(resume, saved, device, "--resume-from" if c.resume_from else "--resume")
+            state.restore(checkpoint, resume)
+            if c.resume:  # the same run: its command reproduces it
+                saved["command"] = checkpoint["config"].get("command", saved["command"])
+            else:
+                log.info(f"command: {saved['command']}")
+            log.info(f"resumed {resume} after epoch {state.epoch}/{c.epochs + c.finetune_epochs}")
         else:
             state.setup()
             log.info(f"command: {saved['command']}")

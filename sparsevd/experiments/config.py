@@ -64,7 +64,9 @@ the test split gives the final number only. Every epoch writes a checkpoint to t
 directory, and --resume continues from it. --init-from starts from a finished dense run
 instead of from scratch (SparseVD: θ from the dense weights, log σ² = --init-log-sigma2).
 --kl-weight trades accuracy for compression. --finetune-epochs N then fixes the masks and
-trains the weights on the data term alone for N more epochs.
+trains the weights on the data term alone for N more epochs; the run keeps the checkpoint
+its training epochs ended with, so --resume-from fine-tunes the same training again at
+another threshold, into another directory.
 
 Several processes train one model with DistributedDataParallel (gloo on the CPU, nccl on
 CUDA), --batch-size being the global batch:
@@ -123,6 +125,10 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output directory (default runs/<model>-<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue the run that wrote CHECKPOINT (the same flags), into a new --out; with the "
+                        "checkpoint-before-finetune.pt a fine-tuned run keeps, fine-tune the same training again at "
+                        "another --threshold (or --sbp-threshold, --finetune-epochs, --finetune-lr, --finetune-noise)")
     p.add_argument("--init-from", metavar="RUN_DIR",
                    help="start from the dense network trained in RUN_DIR (same --model and data) instead of "
                         "from scratch (SBP's recipe: without it, --method sbp warns)")
@@ -194,6 +200,11 @@ def check_config(c, world=SINGLE):
         raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
     _check_thresholds(c, sparse_vd, sbp)
     _check_finetune(c)
+    if c.resume_from is not None:
+        if c.resume:
+            raise ValueError("--resume continues the run in --out, --resume-from the one that wrote the checkpoint "
+                             "it names, into --out: give one of them")
+        c.resume_from = os.path.abspath(c.resume_from)
     if c.init_from is not None:
         if c.method == "dense":
             raise ValueError("--init-from starts a pruning run from a dense one: use it with --method sparsevd, sbp "
