@@ -265,9 +265,10 @@ def _train(rank, argv, interrupt_after=None):
     plots.plot_run = lambda *args: []  # drawn in test_train; slow on 2 cores
     states, real_save = [], cli.Run.save
 
-    def save(run):
-        states.append({k: v.clone() for k, v in run.model.state_dict().items()})
-        real_save(run)
+    def save(run, name=checkpoints.CHECKPOINT):
+        if name == checkpoints.CHECKPOINT:
+            states.append({k: v.clone() for k, v in run.model.state_dict().items()})
+        real_save(run, name)
 
     cli.Run.save = save
     if interrupt_after is not None:  # every rank stops at the same step, as when the job is killed
@@ -301,7 +302,8 @@ def test_two_processes_train_one_model_in_sync_and_rank_0_writes(two_processes, 
         assert torch.equal(second["state"][name], value), name
     summary = first["summary"]
     assert second["summary"] is None and summary["world_size"] == 2 and summary["backend"] == "gloo"
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "results.md", "summary.json", "train.log"]
+    assert sorted(os.listdir(out)) == ["checkpoint-before-finetune.pt", "checkpoint.pt", "results.md", "summary.json",
+                                       "train.log"]
     log = (out / "train.log").read_text()
     assert log.count("epoch   1/3 ") == 1 and log.count("command: ") == 1  # one writer
     assert "command: torchrun --standalone --nproc-per-node 2 -m sparsevd.train" in log
