@@ -528,7 +528,8 @@ def test_resume_from_the_checkpoint_before_finetuning_finetunes_again_at_another
     assert f"resumed {kept} after epoch 2/4" in log and "--resume-from" in log
     assert torch.load(kept, weights_only=True)["epoch"] == 2  # the source is read, never written
 
-    with pytest.raises(checkpoints.CheckpointError, match=r"different run \(seed: checkpoint 0, now 1"):
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"different run \(seed: checkpoint 0, now 1\); give the flags of the run that wrote it"):
         cli.run(_args(tmp_path / "seed1", *flags, "--seed", "1", "--resume-from", str(kept)))
     with pytest.raises(checkpoints.CheckpointError, match="--resume-from: no checkpoint"):
         cli.run(_args(tmp_path / "missing", *flags, "--resume-from", str(tmp_path / "nothing.pt")))

@@ -55,7 +55,9 @@ def load_checkpoint(path, config, device, flag="--resume"):
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k, SETTINGS_BEFORE.get(k))!r}, now {config[k]!r}" for k in differ)
         advice = "use the same settings or another --out"
-        if "world_size" in differ:
+        if flag == "--resume-from":
+            advice = "give the flags of the run that wrote it (its command is in its train.log and results.md)"
+        elif "world_size" in differ:
             advice = (f"resume with the same number of processes (torchrun --nproc-per-node "
                       f"{saved.get('world_size', 1)} ...), the other settings the same, or use another --out")
         raise CheckpointError(f"{path} was written by a different run ({what}); {advice}")
