@@ -278,11 +278,11 @@ def run(argv=None):
 
 
 def _run(c, saved, world, device):
-    resume = c.resume_from or (os.path.join(c.out, CHECKPOINT) if c.resume else None)
+    ckpt_path = os.path.join(c.out, CHECKPOINT)
+    resume = c.resume_from or (ckpt_path if c.resume else None)  # the checkpoint to continue from
     pretrained = load_pretrained(c, device) if c.init_from and not resume else None
     if world.main:
         os.makedirs(c.out, exist_ok=True)
-    ckpt_path = os.path.join(c.out, CHECKPOINT)
     # every rank looks before any can write: rank 0 writes its first checkpoint only after
     # an epoch of steps that all ranks take together
     if not c.resume and os.path.exists(ckpt_path):
