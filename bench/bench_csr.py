@@ -8,7 +8,6 @@ trained SparseVD LeNet-300-100 in dense eval mode against sparsify().
 On CPU, ``SPARSEVD_BENCH_THREADS=<n>`` sets torch's thread count (the issue's targets are
 for one thread)."""
 
-import dataclasses
 import functools
 import os
 
@@ -18,7 +17,6 @@ from torch import nn
 
 import harness
 import sparsevd
-from sparsevd.sparsify import CPU_COST, CUDA_COST
 
 DEV = harness.device()
 if DEV.type == "cpu" and os.environ.get("SPARSEVD_BENCH_THREADS"):
@@ -134,13 +132,6 @@ def _trained_lenet():
     return model.eval()
 
 
-# sparsify() with CSR priced out: the pruned weights as plain dense nn.Linear layers
-_DENSE_ONLY = sparsevd.CostModel(
-    cpu=dataclasses.replace(CPU_COST, csr_overhead_s=1.0),
-    cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=1.0),
-)
-
-
 @pytest.mark.parametrize("batch", [1, 256])
 @pytest.mark.parametrize("impl", ["sparsify", "dense-eval", "dense-masked"])
 def test_lenet_300_100_end_to_end(benchmark, impl, batch):
@@ -151,7 +142,7 @@ def test_lenet_300_100_end_to_end(benchmark, impl, batch):
     if impl == "sparsify":
         net = sparsevd.sparsify(model, batch_size=batch)
     elif impl == "dense-masked":
-        net = sparsevd.sparsify(model, batch_size=batch, cost_model=_DENSE_ONLY, shrink=False)
+        net = sparsevd.sparsify(model, batch_size=batch, cost_model=sparsevd.CostModel.dense(), shrink=False)
     else:
         net = model
     x = torch.rand(batch, 784, device=DEV)

@@ -15,7 +15,6 @@ CPU cases run with ``SPARSEVD_BENCH_THREADS`` torch threads (default 1, the issu
 setting); every case runs under ``torch.no_grad()``.
 """
 
-import dataclasses
 import functools
 
 import pytest
@@ -24,14 +23,11 @@ from torch import nn
 
 import harness
 import sparsevd
-from sparsevd.sparsify import CPU_COST, CUDA_COST
 
 DEV = harness.device()
 
 BATCH = [1, 256] if harness.QUICK else [1, 16, 256, 4096]
 SPARSITY = (0.989, 0.972, 0.620)  # the paper's LeNet-300-100, per layer
-_DENSE_ONLY = sparsevd.CostModel(cpu=dataclasses.replace(CPU_COST, csr_overhead_s=float("inf")),
-                                 cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=float("inf")))
 
 
 pytestmark = pytest.mark.usefixtures("bench_threads")
@@ -61,7 +57,7 @@ def _model(impl, batch):
         return model
     if impl == "sparsevd":
         return sparsevd.sparsify(model, batch_size=batch)
-    dense = sparsevd.sparsify(model, batch_size=batch, cost_model=_DENSE_ONLY, shrink=False)
+    dense = sparsevd.sparsify(model, batch_size=batch, cost_model=sparsevd.CostModel.dense(), shrink=False)
     dense = nn.Sequential(*dense)  # plain modules, as a user's own copy would be
     return harness.compiled(dense) if impl == "dense-compile" else dense
 

@@ -17,6 +17,7 @@ from . import functional as F
 from . import reference
 from .functional import _check_same, _check_tensor
 from .layers import SparseVDModule
+from .shapes import explicit_padding
 
 __all__ = ["SparseVDConv1d", "SparseVDConv2d", "lrt_conv1d", "lrt_conv2d"]
 
@@ -137,21 +138,6 @@ def lrt_conv1d(input, weight, log_sigma2, bias=None, stride=1, padding=0, dilati
     return _lrt_conv(1, input, weight, log_sigma2, bias, stride, padding, dilation, groups, seed, generator)
 
 
-def explicit_padding(padding, kernel_size, dilation):
-    """The ``F.pad`` argument (last dimension first, left then right) of a padding of ints
-    or 'same'/'valid'; an odd 'same' total puts the extra element on the right, as torch does."""
-    pad = []
-    for i in reversed(range(len(kernel_size))):
-        if padding == "valid":
-            pad += [0, 0]
-        elif padding == "same":
-            total = dilation[i] * (kernel_size[i] - 1)
-            pad += [total // 2, total - total // 2]
-        else:
-            pad += [padding[i], padding[i]]
-    return tuple(pad)
-
-
 class _SparseVDConvNd(SparseVDModule):
     """The N-d SparseVD convolution; subclasses fix ``dims`` and the torch layer they replace."""
 
@@ -172,7 +158,7 @@ class _SparseVDConvNd(SparseVDModule):
         device=None,
         dtype=None,
         threshold=reference.THRESHOLD,
-        log_sigma2_init=-10.0,
+        log_sigma2_init=reference.LOG_SIGMA2_INIT,
         log_alpha_range=reference.LOG_ALPHA_RANGE,
         alpha="weight",
     ):

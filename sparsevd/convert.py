@@ -14,6 +14,7 @@ import warnings
 
 from torch import nn
 
+from . import reference
 from .conv import SparseVDConv1d, SparseVDConv2d
 from .layers import SparseVDLinear, _variant
 from .sbp import SBPDropout
@@ -67,7 +68,8 @@ def _check_used(selectors, used, what, candidates):
                          f"{candidates}")
 
 
-def convert(model, *, include=None, exclude=None, log_sigma2_init=-10.0, threshold=3.0, alpha="weight",
+def convert(model, *, include=None, exclude=None, log_sigma2_init=reference.LOG_SIGMA2_INIT,
+            threshold=reference.THRESHOLD, alpha="weight",
             inplace=False, sbp=False, sparsevd=True):
     """Replace the ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` layers of ``model`` by
     SparseVD layers with the same θ, bias, geometry, dtype and device, and return the model.

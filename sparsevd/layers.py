@@ -191,7 +191,8 @@ class SparseVDModule(nn.Module):
         with torch.no_grad():
             if self.variant == "weight":
                 return reference.prune_mask(self.weight, self.log_sigma2, self.threshold, self.log_alpha_range)
-            return (self._shared_log_alpha() < self.threshold).expand(self.weight.shape).contiguous()
+            return reference.keep_by_log_alpha(self._shared_log_alpha(), self.threshold).expand(
+                self.weight.shape).contiguous()
 
     def kl(self):
         """Σ KL(q‖p) over this layer's weights: a 0-dim float32 tensor (float64 for
@@ -368,7 +369,7 @@ class SparseVDLinear(SparseVDModule):
         device=None,
         dtype=None,
         threshold=reference.THRESHOLD,
-        log_sigma2_init=-10.0,
+        log_sigma2_init=reference.LOG_SIGMA2_INIT,
         log_alpha_range=reference.LOG_ALPHA_RANGE,
         alpha="weight",
     ):

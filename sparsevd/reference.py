@@ -21,6 +21,9 @@ K1, K2, K3 = 0.63576, 1.87320, 1.48695
 #: Default clamp of log α and default pruning threshold (the paper's values).
 LOG_ALPHA_RANGE = (-10.0, 10.0)
 THRESHOLD = 3.0
+#: Default initial log σ² of a SparseVD layer (the authors' recipe): a new or converted
+#: layer starts almost deterministic, pruning only weights with |θ| < exp((−10 − 3)/2) ≈ 1.5e-3.
+LOG_SIGMA2_INIT = -10.0
 #: Added to θ² inside the log and to the variance inside the sqrt, as in the paper.
 EPS = 1e-8
 
@@ -78,9 +81,15 @@ def kl_divergence_grad(weight, log_sigma2, log_alpha_range=LOG_ALPHA_RANGE):
     return (dla * (-2 * w / (w * w + EPS))).to(weight.dtype), dla.to(log_sigma2.dtype)
 
 
+def keep_by_log_alpha(la, threshold=THRESHOLD):
+    """The SparseVD pruning rule: a weight (or the weights sharing a log α) is kept when
+    log α < threshold."""
+    return la < threshold
+
+
 def prune_mask(weight, log_sigma2, threshold=THRESHOLD, log_alpha_range=LOG_ALPHA_RANGE):
     """Boolean mask of the weights to keep: log α < threshold."""
-    return log_alpha(weight, log_sigma2, log_alpha_range) < threshold
+    return keep_by_log_alpha(log_alpha(weight, log_sigma2, log_alpha_range), threshold)
 
 
 def lrt_std(x, log_sigma2):
@@ -486,15 +495,21 @@ def sbp_snr(mu, log_sigma, bounds=SBP_BOUNDS):
     return sbp_moments(mu, log_sigma, bounds)[1]
 
 
+def keep_by_snr(snr, threshold=SBP_THRESHOLD):
+    """The SBP pruning rule: a unit is kept when SNR = E[θ]/sd(θ) > threshold."""
+    return snr > threshold
+
+
 def sbp_mask(mu, log_sigma, threshold=SBP_THRESHOLD, bounds=SBP_BOUNDS):
     """Units to keep: SNR > threshold."""
-    return sbp_snr(mu, log_sigma, bounds) > threshold
+    return keep_by_snr(sbp_snr(mu, log_sigma, bounds), threshold)
 
 
-def sbp_eval_scale(mu, log_sigma, threshold=SBP_THRESHOLD, bounds=SBP_BOUNDS):
-    """What eval mode multiplies each unit by: E[θ]·mask, float64."""
+def sbp_eval_scale(mu, log_sigma, threshold=SBP_THRESHOLD, bounds=SBP_BOUNDS, mask=None):
+    """What eval mode multiplies each unit by: E[θ]·mask, float64; ``mask`` (a fixed one,
+    for fine-tuning) replaces the SNR rule."""
     mean, snr = sbp_moments(mu, log_sigma, bounds)
-    return torch.where(snr > threshold, mean, 0.0)
+    return torch.where(keep_by_snr(snr, threshold) if mask is None else mask, mean, 0.0)
 
 
 def sbp_sample(mu, log_sigma, u, bounds=SBP_BOUNDS, with_grad=False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .conv import _SparseVDConvNd
@@ -16,21 +17,33 @@ _INDEX_BYTES = 4  # int32 CSR indices
 _CONVS = (_SparseVDConvNd, _SparseConvNd, nn.Conv1d, nn.Conv2d)
 
 
-def _row(name, layer, positions):
+def _shape(layer):
+    """The [out, in / groups, *kernel] shape of a layer's weight, dense or CSR."""
+    if isinstance(layer, SparseLinear):
+        return (layer.out_features, layer.in_features)
+    if isinstance(layer, _SparseConvNd):
+        return (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+    return tuple(layer.weight.shape)
+
+
+def kept_weights(layer):
+    """(kept, total) weights of one layer: for a SparseVD layer those its mask keeps, for a
+    CSR layer its stored non-zeros, for a dense layer its non-zero weights. Every count of
+    kept weights in the package (report, compression, sparsify's cost model) is this one."""
     if isinstance(layer, SparseVDModule):
-        kept, total = layer.kept_weights(), layer.total_weights()
-        shape, element, kind = tuple(layer.weight.shape), layer.weight.element_size(), type(layer).__name__
-    elif isinstance(layer, (SparseLinear, _SparseConvNd)):
-        gemm = layer if isinstance(layer, SparseLinear) else layer.gemm
-        kept, element, kind = layer.nnz, gemm.values.element_size(), type(layer).__name__
-        if isinstance(layer, SparseLinear):
-            shape = (layer.out_features, layer.in_features)
-        else:
-            shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
-        total = math.prod(shape)
-    else:  # nn.Linear, nn.Conv*d
-        kept, total = int((layer.weight != 0).sum()), layer.weight.numel()
-        shape, element, kind = tuple(layer.weight.shape), layer.weight.element_size(), type(layer).__name__
+        return layer.kept_weights(), layer.total_weights()
+    if isinstance(layer, (SparseLinear, _SparseConvNd)):
+        return layer.nnz, math.prod(_shape(layer))
+    return int(torch.count_nonzero(layer.weight)), layer.weight.numel()
+
+
+def _row(name, layer, positions):
+    kept, total = kept_weights(layer)
+    shape, kind = _shape(layer), type(layer).__name__
+    if isinstance(layer, (SparseLinear, _SparseConvNd)):
+        element = (layer if isinstance(layer, SparseLinear) else layer.gemm).values.element_size()
+    else:
+        element = layer.weight.element_size()
     # multiply-adds ×2 per example: once per output position for a convolution (None when
     # the positions are unknown); dense bytes vs CSR (values + column + row pointers)
     per_weight = 2 * positions.get(name, 0) if isinstance(layer, _CONVS) else 2

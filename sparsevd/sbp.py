@@ -177,10 +177,7 @@ class SBPDropout(nn.Module):
         with torch.no_grad():
             if not compiling:
                 _check_finite("SBPDropout", mu, log_sigma)
-            if frozen is None:
-                scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds).to(mu.dtype)
-            else:
-                scale = reference.sbp_mean(mu, log_sigma, self.bounds).to(mu.dtype) * frozen
+            scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds, mask=frozen).to(mu.dtype)
         if not compiling:
             self._eval_cache = (key, scale)
         return scale
@@ -207,7 +204,7 @@ class SBPDropout(nn.Module):
         """Boolean mask of the units kept: SNR > threshold, or the mask fixed by :meth:`freeze_mask`."""
         if self.frozen_mask is not None:
             return self.frozen_mask
-        return self.snr() > self.threshold
+        return reference.keep_by_snr(self.snr(), self.threshold)
 
     def freeze_mask(self, noise=False):
         """Fix the units kept now (SNR > ``threshold``: set it first) for fine-tuning:

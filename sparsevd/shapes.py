@@ -1,5 +1,6 @@
-"""How many output positions each convolution of a model computes per example: found by
-running one zero example through the model, for FLOP counts and the convolution cost model."""
+"""Geometry of convolutions: the explicit padding of a padding option, and how many output
+positions each convolution of a model computes per example (found by running one zero
+example through the model, for FLOP counts and the convolution cost model)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,18 @@ def output_positions(model, input_shape, types):
         for m, flag in training.items():
             m.training = flag
     return positions
+
+
+def explicit_padding(padding, kernel_size, dilation):
+    """The ``F.pad`` argument (last dimension first, left then right) of a padding of ints
+    or 'same'/'valid'; an odd 'same' total puts the extra element on the right, as torch does."""
+    pad = []
+    for i in reversed(range(len(kernel_size))):
+        if padding == "valid":
+            pad += [0, 0]
+        elif padding == "same":
+            total = dilation[i] * (kernel_size[i] - 1)
+            pad += [total // 2, total - total // 2]
+        else:
+            pad += [padding[i], padding[i]]
+    return tuple(pad)

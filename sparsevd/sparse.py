@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as F
 from . import reference
-from .conv import explicit_padding
+from .shapes import explicit_padding
 
 #: Bumped whenever the saved layout of SparseLinear changes; loading another version fails.
 #: 2: the [out_features, in_features] shape is saved (a version-1 file could load into a

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 from .conv import _SparseVDConvNd
 from .inference import FusedSequential
 from .layers import SparseVDLinear
+from .report import kept_weights
 from .sbp import SBPDropout
 from .shapes import output_positions
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
@@ -73,6 +75,14 @@ class CostModel:
 
     cpu: DeviceCost = CPU_COST
     cuda: DeviceCost = CUDA_COST
+
+    @classmethod
+    def dense(cls):
+        """A cost model under which every layer stays dense: ``sparsify`` then gives the
+        plain inference copy (θ ⊙ mask in ordinary dense layers, dead units cut) that the
+        sparse forms have to beat."""
+        return cls(cpu=dataclasses.replace(CPU_COST, csr_overhead_s=math.inf),
+                   cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=math.inf))
 
     def time(self, form, out_features, in_features, nnz, batch, device_type, element_size=4):
         c = self.cuda if device_type == "cuda" else self.cpu
@@ -357,7 +367,7 @@ def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix
     for name, child in module.named_children():
         full = prefix + name
         if isinstance(child, (nn.Linear, *_CONVS)) and getattr(child, "sparsevd_origin", False):
-            nnz = int((child.weight != 0).sum())
+            nnz = kept_weights(child)[0]
             size = child.weight.element_size()
             if isinstance(child, nn.Linear):
                 form = cost_model.choose(child.out_features, child.in_features, nnz, batch_size, device_type, size)

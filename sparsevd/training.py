@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .layers import SparseVDModule
+from .report import kept_weights
 from .sbp import sbp_modules
 
 #: "At chance": training accuracy no more than this above always predicting the most frequent class.
@@ -221,9 +222,20 @@ def unfreeze_masks(model):
 
 
 def compression(model):
-    """(kept, total) weight counts over the SparseVD layers of ``model``."""
-    kept = total = 0
-    for _, layer in sparsevd_modules(model):
-        kept += layer.kept_weights()
-        total += layer.total_weights()
-    return kept, total
+    """(kept, total) weights of ``model`` (each layer counted by :func:`sparsevd.report.kept_weights`).
+
+    Without SBPDropout layers: the weights the SparseVD masks keep, of the SparseVD layers'
+    weights (the SparseVD paper's count). With them: the non-zero weights of the dense
+    network that ``sparsify`` cuts the pruned units from (a weight counts when its mask
+    and the SBP layers keep it and it connects two kept units), of all the weights of
+    ``model``'s linear and convolution layers."""
+    if not sbp_modules(model):
+        counts = [kept_weights(layer) for _, layer in sparsevd_modules(model)]
+    else:
+        from .sparsify import CostModel, sparsify  # sparsify builds on the training modules
+
+        layers = (SparseVDModule, nn.Linear, nn.Conv1d, nn.Conv2d)
+        cut = sparsify(model, cost_model=CostModel.dense())
+        counts = [(kept_weights(m)[0], 0) for m in cut.modules() if isinstance(m, layers)]
+        counts += [(0, m.weight.numel()) for m in model.modules() if isinstance(m, layers)]
+    return sum(k for k, _ in counts), sum(t for _, t in counts)

@@ -97,7 +97,7 @@ def test_module_padding_modes_train_and_eval(padding_mode, padding):
     torch.manual_seed(11)
     noise = F.lrt_sample_noise(y, sparsevd.noise.draw_seed())
     # the reference pads explicitly, as nn.Conv2d does for a padding_mode other than zeros
-    pad = sparsevd.conv.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
+    pad = sparsevd.shapes.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     ref = R.lrt_conv(nn.functional.pad(x, pad, mode=mode), layer.weight, layer.log_sigma2, layer.bias, noise)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

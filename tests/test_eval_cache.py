@@ -38,7 +38,7 @@ def _fresh(layer, x):
     if isinstance(layer, sparsevd.SparseVDLinear):
         return torch.nn.functional.linear(x, weight, layer.bias)
     if layer.padding_mode != "zeros":
-        pad = sparsevd.conv.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
+        pad = sparsevd.shapes.explicit_padding(layer.padding, layer.kernel_size, layer.dilation)
         x, padding = torch.nn.functional.pad(x, pad, mode=layer.padding_mode), 0
     else:
         padding = layer.padding

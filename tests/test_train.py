@@ -619,7 +619,7 @@ def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
     rows, rep = results.structure(lenet5, (1, 28, 28))
     assert [(r["units"], r["units_total"]) for r in rows] == [(3, 20), (18, 50), (288, 800), (283, 500)]
     assert [r["kept"] for r in rows] == [75, 18 * 3 * 25, 283 * 288, 10 * 283]
-    assert loop.compression(lenet5) == (sum(r["kept"] for r in rows), 430500)
+    assert sparsevd.compression(lenet5) == (sum(r["kept"] for r in rows), 430500)
     assert rep.total["flops_dense"] == sum(r["flops_units"] for r in rows)  # the report of the cut network
     assert sum(r["flops_dense"] for r in rows) == 2 * (
         20 * 25 * 24 * 24 + 50 * 20 * 25 * 8 * 8 + 800 * 500 + 500 * 10)

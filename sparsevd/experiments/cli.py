@@ -218,7 +218,7 @@ def train_epochs(run, epochs, loss_fn, warmup):
                                      world)
         run.epoch = epoch + 1
         run.step_lr()
-        kept, total = loop.compression(model) if pruning else (0, 0)
+        kept, total = sparsevd.compression(model) if pruning else (0, 0)
         kl_weight = c.kl_weight * stats.warmup if warmup is not None else 0.0
         row = {"epoch": epoch + 1, "phase": phase, "loss": stats.loss, "train_acc": stats.accuracy,
                "kl_weight": kl_weight, "lr": lr,

@@ -211,7 +211,7 @@ def check_config(c, world=SINGLE):
                              "or sparsevd+sbp")
         c.init_from = os.path.abspath(c.init_from)
         if sparse_vd and c.init_log_sigma2 is None:
-            c.init_log_sigma2 = -10.0
+            c.init_log_sigma2 = sparsevd.reference.LOG_SIGMA2_INIT
     if c.init_log_sigma2 is not None:
         if not sparse_vd:
             raise ValueError(f"--init-log-sigma2 sets the log σ² of SparseVD layers, which --method {c.method} has "

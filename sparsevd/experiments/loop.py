@@ -4,7 +4,6 @@ applied at every step, error rates, what a pruning network keeps, and a plain
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import NamedTuple
@@ -15,13 +14,6 @@ from torch import nn
 import sparsevd
 
 from .distributed import SINGLE
-
-#: A cost model under which sparsify() keeps every layer dense: the plain inference copy
-#: (θ ⊙ mask in ordinary dense layers) that the sparse forms have to beat.
-ALWAYS_DENSE = sparsevd.CostModel(
-    cpu=dataclasses.replace(sparsevd.CostModel().cpu, csr_overhead_s=math.inf),
-    cuda=dataclasses.replace(sparsevd.CostModel().cuda, csr_overhead_s=math.inf))
-
 
 class EpochStats(NamedTuple):
     loss: float  #: mean loss over the epoch
@@ -65,32 +57,18 @@ def pruned_copy(model):
     every weight it prunes set to zero: θ ⊙ mask of the SparseVD layers, each SBPDropout's
     E[θ]·mask folded into a neighbouring layer (the rows, or the columns, of its pruned
     units zero)."""
-    return sparsevd.sparsify(model, cost_model=ALWAYS_DENSE, shrink=False)
+    return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense(), shrink=False)
 
 
 def cut_copy(model):
     """:func:`pruned_copy` with the pruned units cut (the layers around them shrink, names
     kept): the dense network the pruning leaves."""
-    return sparsevd.sparsify(model, cost_model=ALWAYS_DENSE)
-
-
-_LAYERS = (sparsevd.SparseVDModule, nn.Linear, nn.Conv1d, nn.Conv2d)
-
-
-def compression(model):
-    """(kept, total) weights of ``model``: without SBP layers, those the SparseVD masks keep
-    (:func:`sparsevd.compression`, the SparseVD paper's count); with them, the non-zero
-    weights of :func:`cut_copy` (a weight counts when its mask and the SBP layers keep it
-    and it connects two kept units) against the weights of ``model``'s layers."""
-    if not sparsevd.sbp_modules(model):
-        return sparsevd.compression(model)
-    kept = sum(int(torch.count_nonzero(m.weight)) for m in cut_copy(model).modules() if isinstance(m, _LAYERS))
-    return kept, sum(m.weight.numel() for m in model.modules() if isinstance(m, _LAYERS))
+    return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense())
 
 
 def compression_ratio(model):
-    """|W| / |W≠0| of what ``model`` keeps (:func:`compression`; inf when everything is pruned)."""
-    kept, total = compression(model)
+    """|W| / |W≠0| of what ``model`` keeps (:func:`sparsevd.compression`; inf when everything is pruned)."""
+    kept, total = sparsevd.compression(model)
     return total / kept if kept else math.inf
 
 
@@ -157,7 +135,7 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
                 postfix = {"loss": f"{total_loss / seen:.3f}", "acc": f"{correct / seen:.3f}"}
                 if sparse_vd or sbp:
                     postfix["warmup"] = f"{factor:.2f}"
-                if sparse_vd:  # the SparseVD masks alone: counting through the SBP layers copies the model
+                if sparse_vd and not sbp:  # counting through SBP layers copies the model: units instead
                     kept, total = sparsevd.compression(model)
                     postfix["compression"] = f"{total / max(kept, 1):.1f}x"
                 if sbp:

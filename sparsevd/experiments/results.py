@@ -22,7 +22,7 @@ from sparsevd.training import collapse_message
 
 from . import plots
 from .distributed import SINGLE
-from .loop import (ALWAYS_DENSE, chance, compression, compression_ratio, cut_copy, error_rate, pruned_copy,
+from .loop import (chance, compression_ratio, cut_copy, error_rate, pruned_copy,
                    sbp_units, threshold_of)
 from .models import METHOD_NAMES, METHODS, MODELS, NETWORK_NAMES
 
@@ -85,7 +85,7 @@ def select_threshold(c, model, data, world=SINGLE):
 def measure(model, data, world=SINGLE):
     """Test, validation and training error (%), the kept weights and the units kept per SBP
     layer of ``model`` in eval mode."""
-    kept, total = compression(model)
+    kept, total = sparsevd.compression(model)
     errors = {f"{k}_error": error_rate(model, data[f"{k}_x"], data[f"{k}_y"], world=world)
               for k in ("test", "val", "train")}
     return {**errors, "kept": kept, "total": total, "compression": total / kept if kept else math.inf,
@@ -113,7 +113,7 @@ def structure(model, input_shape):
     example's, for the convolutions' output positions): ``(rows, report)``.
 
     Each row: the layer's name, type, ``shape``, ``kept`` of ``total`` weights and their
-    ``sparsity`` (as :func:`.loop.compression` counts them), its ``units`` of
+    ``sparsity`` (as :func:`sparsevd.compression` counts them), its ``units`` of
     ``units_total`` as the SBP paper counts them (the output channels of a convolution,
     the inputs of a fully-connected layer) that are left in :func:`.loop.cut_copy` with a
     non-zero weight, and FLOPs per example: ``flops_dense`` of the layer,
@@ -178,7 +178,7 @@ def inference_timings(c, model, x):
                 row = {"device": device.type, "batch": batch, "eval_model_s": median_time(net, xb, c.timing_repeats)}
                 if pruning:
                     row["dense_network_s"] = median_time(dense_network, xb, c.timing_repeats)
-                    dense_copy = sparsevd.sparsify(net, batch_size=batch, cost_model=ALWAYS_DENSE, shrink=False)
+                    dense_copy = sparsevd.sparsify(net, batch_size=batch, cost_model=sparsevd.CostModel.dense(), shrink=False)
                     row["dense_copy_s"] = median_time(dense_copy, xb, c.timing_repeats)
                     fast = sparsevd.sparsify(net, batch_size=batch, input_shape=tuple(x.shape[1:]))
                     row["sparsified_s"] = median_time(fast, xb, c.timing_repeats)
