@@ -10,11 +10,14 @@ convolution conv(x, θ ⊙ mask) + b. The math is :func:`sparsevd.reference.lrt_
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from . import functional as F
 from . import reference
+from ._validate import integer
 from .functional import _check_same, _check_tensor
 from .layers import SparseVDModule
 from .shapes import explicit_padding
@@ -26,22 +29,20 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
 def _int_tuple(op, name, value, dims, minimum):
-    values = (value,) * dims if isinstance(value, int) else value
+    what = f"an int ≥ {minimum} or a tuple of {dims} of them"
+    values = (value,) * dims if isinstance(value, numbers.Integral) else value
     try:
         values = tuple(values)
     except TypeError:
-        values = None
-    if (
-        values is None
-        or len(values) != dims
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
-    ):
-        raise ValueError(f"{op}: {name} must be an int ≥ {minimum} or a tuple of {dims} of them, got {value!r}")
-    return values
+        raise TypeError(f"{op}: {name} must be {what}, got {value!r}") from None
+    if len(values) != dims:
+        raise ValueError(f"{op}: {name} must be {what}, got {value!r}")
+    return tuple(integer(op, name, v, minimum, what) for v in values)
 
 
 def _conv_args(op, dims, stride, padding, dilation, groups):
-    """stride, padding, dilation as tuples (padding may stay 'same'/'valid'), checked as nn.Conv does."""
+    """stride, padding, dilation as tuples (padding may stay 'same'/'valid') and groups as an
+    int, checked as nn.Conv does."""
     stride = _int_tuple(op, "stride", stride, dims, 1)
     dilation = _int_tuple(op, "dilation", dilation, dims, 1)
     if isinstance(padding, str):
@@ -51,9 +52,7 @@ def _conv_args(op, dims, stride, padding, dilation, groups):
             raise ValueError(f"{op}: padding='same' is not supported for strided convolutions (stride={stride})")
     else:
         padding = _int_tuple(op, "padding", padding, dims, 0)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    return stride, padding, dilation
+    return stride, padding, dilation, integer(op, "groups", groups, 1)
 
 
 def _check_input(op, dims, input, weight, bias, padding, dilation, groups):
@@ -111,7 +110,7 @@ def _lrt(dims, x, weight, log_sigma2, bias, stride, padding, dilation, groups, s
 def _lrt_conv(dims, input, weight, log_sigma2, bias, stride, padding, dilation, groups, seed, generator):
     op = f"lrt_conv{dims}d"
     input, weight, log_sigma2, bias = F._autocast(input, weight, log_sigma2, bias)
-    stride, padding, dilation = _conv_args(op, dims, stride, padding, dilation, groups)
+    stride, padding, dilation, groups = _conv_args(op, dims, stride, padding, dilation, groups)
     _check_params(op, dims, weight, log_sigma2, groups)
     batched = _check_input(op, dims, input, weight, bias, padding, dilation, groups)
     x = input if batched else input.unsqueeze(0)
@@ -164,11 +163,11 @@ class _SparseVDConvNd(SparseVDModule):
     ):
         super().__init__()
         op = type(self).__name__
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+        in_channels = integer(op, "in_channels", in_channels, 1)
+        out_channels = integer(op, "out_channels", out_channels, 1)
         self.kernel_size = _int_tuple(op, "kernel_size", kernel_size, self.dims, 1)
-        self.stride, self.padding, self.dilation = _conv_args(op, self.dims, stride, padding, dilation, groups)
+        self.stride, self.padding, self.dilation, groups = _conv_args(op, self.dims, stride, padding, dilation,
+                                                                      groups)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"{op}: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"

@@ -26,6 +26,7 @@ variances of the kept weights) train on the data term.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from . import functional as F
 from . import reference
+from ._validate import flag, floating_dtype, integer, interval, real
 
 #: The state-dict name of the variance parameter of each ``alpha`` variant.
 _VARIANCE_NAMES = {"weight": "log_sigma2", "unit": "log_alpha_unit", "layer": "log_alpha_layer",
@@ -44,7 +46,7 @@ def _variant(alpha):
         if alpha not in ("weight", "unit", "layer"):
             raise ValueError(f"alpha must be 'weight', 'unit', 'layer' or a fixed α > 0, got {alpha!r}")
         return alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"alpha must be 'weight', 'unit', 'layer' or a number (a fixed α), got {alpha!r}")
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"a fixed alpha must be a finite number > 0, got {alpha}")
@@ -84,22 +86,35 @@ class SparseVDModule(nn.Module):
     """
 
     def _init_sparsevd(self, threshold, log_sigma2_init, log_alpha_range, alpha="weight"):
-        threshold = float(threshold)
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be a finite number, got {threshold}")
-        if not math.isfinite(float(log_sigma2_init)):
-            raise ValueError(f"log_sigma2_init must be a finite number, got {log_sigma2_init}")
-        lo, hi = (float(v) for v in log_alpha_range)
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"log_alpha_range must be two finite numbers lo < hi, got {log_alpha_range}")
+        self.threshold = threshold
+        self.log_sigma2_init = real(type(self).__name__, "log_sigma2_init", log_sigma2_init)
+        self.log_alpha_range = log_alpha_range
         self.variant = _variant(alpha)
         self._initial_fixed_alpha = float(alpha) if self.variant == "fixed" else None
-        self.threshold = threshold
-        self.log_sigma2_init = float(log_sigma2_init)
-        self.log_alpha_range = (lo, hi)
         self.register_buffer("frozen_mask", None)
         self.frozen_noise = False
         self._eval_cache = None
+
+    # threshold and log_alpha_range are read by the mask, the KL and the eval forward, so a
+    # bad value is refused when it is set: later it would prune everything (NaN) or fail
+    # deep inside torch
+    @property
+    def threshold(self):
+        """Prune where log α ≥ threshold: a finite number (stored as a float)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value):
+        self._threshold = real(type(self).__name__, "threshold", value)
+
+    @property
+    def log_alpha_range(self):
+        """(lo, hi): the clamp of log α, two finite numbers lo < hi (stored as floats)."""
+        return self._log_alpha_range
+
+    @log_alpha_range.setter
+    def log_alpha_range(self, value):
+        self._log_alpha_range = interval(type(self).__name__, "log_alpha_range", value)
 
     @property
     def alpha(self):
@@ -128,6 +143,7 @@ class SparseVDModule(nn.Module):
     def _create_parameters(self, weight_shape, bias, factory_kwargs):
         """``weight`` (θ) of ``weight_shape`` = [out, in, *kernel], the variance parameters
         of the variant and ``bias`` ([out] or None), initialised by :meth:`reset_parameters`."""
+        floating_dtype(type(self).__name__, factory_kwargs["dtype"])
         self.weight = nn.Parameter(torch.empty(weight_shape, **factory_kwargs))
         self._create_variance_params(self.weight.shape, factory_kwargs)
         if bias:
@@ -140,8 +156,7 @@ class SparseVDModule(nn.Module):
         # θ and b exactly as nn.Linear / nn.Conv*d initialize them, so swapping layers keeps a recipe.
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
-            fan_in = math.prod(self.weight.shape[1:])
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            bound = 1 / math.sqrt(math.prod(self.weight.shape[1:]))  # every size is ≥ 1
             nn.init.uniform_(self.bias, -bound, bound)
         self.reset_variance_parameters()
 
@@ -160,8 +175,7 @@ class SparseVDModule(nn.Module):
                 raw = self._raw_variance()
                 w2 = self.weight.detach().to(raw.dtype) ** 2
                 dims = tuple(range(1 if self.variant == "unit" else 0, w2.dim()))
-                # the mean of an empty fan-in is taken as 0, like a zero weight
-                mean_w2 = w2.sum(dims, keepdim=True) / max(math.prod(w2.shape[d] for d in dims), 1)
+                mean_w2 = w2.sum(dims, keepdim=True) / math.prod(w2.shape[d] for d in dims)
                 raw.copy_(torch.clamp(self.log_sigma2_init - torch.log(mean_w2 + reference.EPS),
                                       *self.log_alpha_range).expand(raw.shape))
 
@@ -283,6 +297,13 @@ class SparseVDModule(nn.Module):
         state["_eval_cache"] = None  # derived data: not pickled, not deep-copied
         return state
 
+    def __setstate__(self, state):
+        # a layer pickled before threshold and log_alpha_range were checked properties
+        for name in ("threshold", "log_alpha_range"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
+
     def freeze_mask(self, noise=False):
         """Fix the current mask for fine-tuning: pruned weights are set to zero and stay
         exactly zero (every forward multiplies θ by the mask), ``mask()`` returns the
@@ -290,13 +311,14 @@ class SparseVDModule(nn.Module):
         the data term. ``noise=False`` (default) trains the deterministic masked layer;
         ``noise=True`` keeps sampling the kept weights' noise (LRT with σ² ⊙ mask).
         The fixed mask is a buffer (``frozen_mask``): it travels with the state dict."""
+        noise = flag(f"{type(self).__name__}.freeze_mask", "noise", noise)
         with torch.no_grad():
             mask = self.mask().clone()
             self.weight.mul_(mask)
         if _is_dtensor(mask):  # θ sharded by FSDP2: the buffer is whole, as FSDP keeps buffers
             mask = mask.full_tensor()
         self.frozen_mask = mask
-        self.frozen_noise = bool(noise)
+        self.frozen_noise = noise
         return self
 
     def unfreeze_mask(self):
@@ -375,22 +397,25 @@ class SparseVDLinear(SparseVDModule):
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = integer(type(self).__name__, "in_features", in_features, 1)
+        self.out_features = integer(type(self).__name__, "out_features", out_features, 1)
         self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range, alpha)
-        self._create_parameters((out_features, in_features), bias, factory)
+        self._create_parameters((self.out_features, self.in_features), bias, factory)
 
     def forward(self, input):
-        if self.training:
+        # the ops' own checks cost nothing when the input is right; a wrong one is then
+        # reported in this layer's name, not in the name of the op that found it
+        try:
+            if not self.training:
+                return torch.nn.functional.linear(input, self._effective_weight(), self.bias)
             if self.frozen_mask is None:
                 return F.lrt_linear(input, self.weight, self.variance_log_sigma2(), self.bias)
             if self.frozen_noise:
                 return F.lrt_linear(input, self.weight * self.frozen_mask, self._frozen_log_sigma2(), self.bias)
             return F.masked_linear(input, self.weight, self.frozen_mask, self.bias)
-        try:  # the dense layer's own checks cost nothing when the input is right
-            return torch.nn.functional.linear(input, self._effective_weight(), self.bias)
-        except (RuntimeError, TypeError):
-            F._check_input(type(self).__name__, input, self.in_features, self.weight, self.bias, self.out_features)
+        except (RuntimeError, TypeError, ValueError):
+            x, weight, bias = F._autocast(input, self.weight, self.bias)  # as the ops saw them
+            F._check_input(type(self).__name__, x, self.in_features, weight, bias, self.out_features)
             raise
 
     @classmethod

@@ -9,10 +9,16 @@ the posterior over weights) says nothing about the noise in the targets (aleator
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import nn
+
+from ._validate import integer, real
+
+
+def _check_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"GaussianLikelihood: the {name} must be a tensor, got {type(value).__name__}")
 
 
 class GaussianLikelihood(nn.Module):
@@ -40,12 +46,12 @@ class GaussianLikelihood(nn.Module):
             if variance not in ("learned", "head"):
                 raise ValueError(f"variance must be a number > 0, 'learned' or 'head', got {variance!r}")
             self.mode = variance
-        elif isinstance(variance, numbers.Real) and not isinstance(variance, bool):
-            if not (math.isfinite(variance) and variance > 0):
-                raise ValueError(f"a fixed variance must be a finite number > 0, got {variance}")
-            self.mode = "fixed"
         else:
-            raise TypeError(f"variance must be a number > 0, 'learned' or 'head', got {variance!r}")
+            variance = real("GaussianLikelihood", "variance", variance, "a number > 0, 'learned' or 'head'",
+                            check=lambda v: True)
+            if not (math.isfinite(variance) and variance > 0):
+                raise ValueError(f"GaussianLikelihood: a fixed variance must be a finite number > 0, got {variance}")
+            self.mode = "fixed"
         if self.mode != "learned" and (init_variance is not None or num_outputs is not None):
             raise ValueError("init_variance and num_outputs apply to variance='learned' only")
         if self.mode == "fixed":
@@ -53,15 +59,15 @@ class GaussianLikelihood(nn.Module):
         elif self.mode == "learned":
             init_variance = 1.0 if init_variance is None else init_variance
             num_outputs = 1 if num_outputs is None else num_outputs
-            if not (isinstance(init_variance, numbers.Real) and math.isfinite(init_variance) and init_variance > 0):
-                raise ValueError(f"init_variance must be a finite number > 0, got {init_variance!r}")
-            if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
-                raise ValueError(f"num_outputs must be a positive int, got {num_outputs!r}")
+            init_variance = real("GaussianLikelihood", "init_variance", init_variance, "a finite number > 0",
+                                 lambda v: math.isfinite(v) and v > 0)
+            num_outputs = integer("GaussianLikelihood", "num_outputs", num_outputs, 1, "a positive int")
             self.log_variance = nn.Parameter(torch.full((num_outputs,), math.log(init_variance)))
 
     def split(self, output):
         """``(mean, variance)`` of the Gaussian that ``output`` (the model's) stands for,
         both of the mean's shape."""
+        _check_tensor("output", output)
         if self.mode == "head":
             if output.dim() < 2 or output.shape[-1] % 2:
                 raise ValueError("GaussianLikelihood('head'): the model's output must have an even last dimension "
@@ -74,6 +80,8 @@ class GaussianLikelihood(nn.Module):
         return output, self.log_variance.to(output.dtype).exp().expand(output.shape)
 
     def forward(self, output, target):
+        _check_tensor("output", output)
+        _check_tensor("target", target)
         if output.dim() == 0:
             raise ValueError("GaussianLikelihood: the output needs a batch dimension first, got a scalar")
         mean, variance = self.split(output)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._validate import module
 from .conv import _SparseVDConvNd
 from .layers import SparseVDModule
 from .sbp import sbp_modules
@@ -130,6 +131,7 @@ def report(model, input_shape=None):
     example's shape without the batch (``(1, 28, 28)``, say); without it they are None
     (and so is the total), the other columns are unaffected.
     """
+    module("report", model)
     layers = [(name, m) for name, m in model.named_modules()
               if isinstance(m, (SparseVDModule, SparseLinear, nn.Linear, *_CONVS))]
     # a SparseConv*d runs its CSR weight as a SparseLinear: one row, not two

@@ -24,12 +24,11 @@ The math is the SBP section of :mod:`sparsevd.reference`; the kernels are the op
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import backends, reference  # noqa: F401  (importing backends registers the kernels)
+from ._validate import flag, floating_dtype, integer, interval, module, real
 from .functional import _as_seed, _check_same, _check_tensor
 from .layers import adopt_frozen_mask
 
@@ -85,12 +84,6 @@ def sbp_noise(mu, batch, seed):
     return torch.ops.sparsevd.sbp_noise(mu, _as_seed(seed, None), batch)
 
 
-def _number(name, value, check, what):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not check(float(value)):
-        raise ValueError(f"SBPDropout: {name} must be {what}, got {value!r}")
-    return float(value)
-
-
 class SBPDropout(nn.Module):
     """Log-normal multiplicative noise on the units along ``dim`` (Structured Bayesian Pruning).
 
@@ -112,23 +105,46 @@ class SBPDropout(nn.Module):
     def __init__(self, num_features, *, dim=1, threshold=reference.SBP_THRESHOLD, bounds=reference.SBP_BOUNDS,
                  mu_init=0.0, log_sigma_init=-5.0, device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"SBPDropout: num_features must be a positive int, got {num_features!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise ValueError(f"SBPDropout: dim must be an int, got {dim!r}")
-        self.num_features = num_features
-        self.dim = dim
-        self.threshold = _number("threshold", threshold, math.isfinite, "a finite number")
-        self.bounds = reference.sbp_check_bounds(bounds)
-        self.mu_init = _number("mu_init", mu_init, math.isfinite, "a finite number")
-        self.log_sigma_init = _number("log_sigma_init", log_sigma_init, math.isfinite, "a finite number")
-        factory = {"device": device, "dtype": dtype}
+        self.num_features = integer("SBPDropout", "num_features", num_features, 1)
+        self.dim = integer("SBPDropout", "dim", dim)
+        self.threshold = threshold
+        self.bounds = bounds
+        self.mu_init = real("SBPDropout", "mu_init", mu_init)
+        self.log_sigma_init = real("SBPDropout", "log_sigma_init", log_sigma_init)
+        factory = {"device": device, "dtype": floating_dtype("SBPDropout", dtype)}
         self.mu = nn.Parameter(torch.empty(num_features, **factory))
         self.log_sigma = nn.Parameter(torch.empty(num_features, **factory))
         self.register_buffer("frozen_mask", None)  # set by freeze_mask, for fine-tuning
         self.frozen_noise = False
         self._eval_cache = None
         self.reset_parameters()
+
+    # threshold and bounds are read by every forward, so a bad value is refused when it is
+    # set: later it would prune every unit (NaN) or fail deep inside torch
+    @property
+    def threshold(self):
+        """Keep a unit when SNR > threshold: a finite number (stored as a float)."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value):
+        self._threshold = real("SBPDropout", "threshold", value)
+
+    @property
+    def bounds(self):
+        """(a, b): the truncation range of log θ, two finite numbers a < b (stored as floats)."""
+        return self._bounds
+
+    @bounds.setter
+    def bounds(self, value):
+        self._bounds = interval("SBPDropout", "bounds", value, ("a", "b"))
+
+    def __setstate__(self, state):
+        # a layer pickled before threshold and bounds were checked properties
+        for name in ("threshold", "bounds"):
+            if name in state:
+                state["_" + name] = state.pop(name)
+        super().__setstate__(state)
 
     def reset_parameters(self):
         with torch.no_grad():
@@ -214,8 +230,9 @@ class SBPDropout(nn.Module):
         layers around train on the data term); ``noise=True`` keeps sampling θ (times the
         mask), and μ, log σ train too. The fixed mask is a buffer (``frozen_mask``): it
         travels with the state dict."""
+        noise = flag("SBPDropout.freeze_mask", "noise", noise)
         self.frozen_mask = self.mask().clone()
-        self.frozen_noise = bool(noise)
+        self.frozen_noise = noise
         return self
 
     def unfreeze_mask(self):
@@ -242,4 +259,5 @@ class SBPDropout(nn.Module):
 
 def sbp_modules(model):
     """The :class:`SBPDropout` layers of ``model`` (in ``model.modules()`` order), with their names."""
+    module("sbp_modules", model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SBPDropout)]

@@ -9,11 +9,12 @@ posterior, so dividing it by N puts it on the same per-example scale as the mean
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import nn
 
+from . import _warnings
+from ._validate import flag, integer, module, real
 from .layers import SparseVDModule
 from .report import kept_weights
 from .sbp import sbp_modules
@@ -31,37 +32,54 @@ class CollapseWarning(UserWarning):
 
 def sparsevd_modules(model):
     """The SparseVD layers of ``model`` (in ``model.modules()`` order), with their names."""
+    module("sparsevd_modules", model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseVDModule)]
+
+
+def require_pruning_layers(model, what, warn=False, hint=""):
+    """The SparseVD and SBPDropout layers of ``model`` (name, layer), in ``model.modules()``
+    order. A model without any (a plain model, where nothing would be pruned) is refused
+    with a ValueError that says what to do, in the name of ``what`` (the function or class
+    the user called), which ends with ``hint`` if given; with ``warn=True`` it is a
+    UserWarning instead (at the user's call), and the list is empty. A ``model`` that is
+    not an ``nn.Module`` is a TypeError."""
+    module(what, model)
+    layers = sparsevd_modules(model) + sbp_modules(model)
+    if not layers:
+        message = (f"{what}: {type(model).__name__} has no SparseVD layers and no SBPDropout layers, so nothing in "
+                   "it is pruned; convert it first (model = sparsevd.convert(model) swaps its nn.Linear and "
+                   "nn.Conv1d/2d layers for SparseVD ones) or build it from sparsevd.SparseVDLinear / SparseVDConv2d" + hint)
+        if not warn:
+            raise ValueError(message)
+        _warnings.warn(message)
+    return layers
 
 
 def kl_divergence(model):
     """Σ KL over every SparseVD and SBPDropout layer of ``model``: a differentiable 0-dim
     float32 tensor."""
-    layers = sparsevd_modules(model) + sbp_modules(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no SparseVD layers and no SBPDropout layers")
+    layers = require_pruning_layers(model, "kl_divergence")
     total = layers[0][1].kl()
     for _, layer in layers[1:]:
         total = total + layer.kl()
     return total
 
 
-def _check_kl_weight(kl_weight, name="kl_weight"):
-    kl_weight = float(kl_weight)
-    if not (math.isfinite(kl_weight) and kl_weight >= 0):
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {kl_weight}")
-    return kl_weight
+def _non_negative(where, name, value):
+    return real(where, name, value, "a finite number ≥ 0", lambda v: math.isfinite(v) and v >= 0)
 
 
-def _check_dataset_size(dataset_size):
-    if isinstance(dataset_size, bool) or not (isinstance(dataset_size, int) and dataset_size > 0):
-        raise ValueError(f"dataset_size must be a positive int (the training-set size N), got {dataset_size!r}")
+def _dataset_size(where, value):
+    return integer(where, "dataset_size", value, 1, "a positive int (the training-set size N)")
 
 
 def sgvlb(nll, model, dataset_size, kl_weight=1.0):
     """mean NLL + kl_weight · KL(model) / dataset_size (``nll`` already averaged over the batch)."""
-    _check_dataset_size(dataset_size)
-    kl_weight = _check_kl_weight(kl_weight)
+    if not isinstance(nll, torch.Tensor):
+        raise TypeError(f"sgvlb: nll must be a tensor (the batch's mean negative log-likelihood), got "
+                        f"{type(nll).__name__}")
+    dataset_size = _dataset_size("sgvlb", dataset_size)
+    kl_weight = _non_negative("sgvlb", "kl_weight", kl_weight)
     kl = kl_divergence(model)
     return nll + kl_weight * kl.to(nll.dtype) / dataset_size
 
@@ -101,24 +119,45 @@ class SGVLBLoss(nn.Module):
 
     def __init__(self, model, dataset_size, criterion=None, kl_weight=1.0, check_collapse_every=100):
         super().__init__()
-        _check_dataset_size(dataset_size)
-        if check_collapse_every is not None and (
-                isinstance(check_collapse_every, bool) or not isinstance(check_collapse_every, int)
-                or check_collapse_every < 1):
-            raise ValueError(f"check_collapse_every must be a positive int or None, got {check_collapse_every!r}")
+        require_pruning_layers(model, "SGVLBLoss")
+        if check_collapse_every is not None:
+            check_collapse_every = integer("SGVLBLoss", "check_collapse_every", check_collapse_every, 1,
+                                           "a positive int or None")
+        if criterion is not None and not callable(criterion):
+            raise TypeError(f"SGVLBLoss: criterion must be a callable loss (output, target) → mean NLL, got "
+                            f"{type(criterion).__name__}")
         self.model = [model]  # a list, so the model's parameters are not registered twice
         self.dataset_size = dataset_size
         self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
-        self.kl_weight = _check_kl_weight(kl_weight)
+        self.kl_weight = kl_weight
         self.check_collapse_every = check_collapse_every
         self._collapse_warned = False
         self._calls = 0
         self._counts = None  # [correct, seen, per-class target counts...] since the last check
 
+    # read by every call: a bad value is refused when it is set, not at the next call
+    @property
+    def dataset_size(self):
+        """N, the training-set size the KL is divided by: a positive int."""
+        return self._dataset_size
+
+    @dataset_size.setter
+    def dataset_size(self, value):
+        self._dataset_size = _dataset_size("SGVLBLoss", value)
+
+    @property
+    def kl_weight(self):
+        """The constant multiplier of the KL term: a finite number ≥ 0."""
+        return self._kl_weight
+
+    @kl_weight.setter
+    def kl_weight(self, value):
+        self._kl_weight = _non_negative("SGVLBLoss", "kl_weight", value)
+
     def forward(self, output, target, warmup=1.0, **deprecated):
         if deprecated:
             warmup = self._deprecated_kl_weight(warmup, deprecated)
-        warmup = _check_kl_weight(warmup, "warmup")
+        warmup = _non_negative("SGVLBLoss", "warmup", warmup)
         loss = sgvlb(self.criterion(output, target), self.model[0], self.dataset_size, self.kl_weight * warmup)
         if self.check_collapse_every and not self._collapse_warned and not torch.compiler.is_compiling():
             self._watch(output.detach(), target)
@@ -129,9 +168,9 @@ class SGVLBLoss(nn.Module):
         if set(kwargs) != {"kl_weight"}:
             raise TypeError(f"SGVLBLoss got unexpected keyword arguments {sorted(kwargs)}")
         if not torch.compiler.is_compiling():  # Dynamo cannot trace warnings.warn under fullgraph=True
-            warnings.warn("SGVLBLoss(...)(output, target, kl_weight=w) is now warmup=w: the warm-up value of this "
-                          "call; kl_weight is SGVLBLoss's constant multiplier (SGVLBLoss(model, N, kl_weight=...))",
-                          DeprecationWarning, stacklevel=3)
+            _warnings.warn("SGVLBLoss(...)(output, target, kl_weight=w) is now warmup=w: the warm-up value of this "
+                           "call; kl_weight is SGVLBLoss's constant multiplier (SGVLBLoss(model, N, kl_weight=...))",
+                           DeprecationWarning)
         return kwargs["kl_weight"]
 
     def _watch(self, output, target):
@@ -156,7 +195,7 @@ class SGVLBLoss(nn.Module):
                 message = collapse_message(accuracy, chance, *compression(self.model[0]))
                 if message:
                     self._collapse_warned = True
-                    warnings.warn(message, CollapseWarning, stacklevel=3)
+                    _warnings.warn(message, CollapseWarning)
 
 
 class KLWarmup:
@@ -173,19 +212,21 @@ class KLWarmup:
     MIN_RAMP = 1.0
 
     def __init__(self, start=0.0, end=20.0, max_weight=1.0):
-        start, end, max_weight = float(start), float(end), float(max_weight)
-        if not (math.isfinite(start) and math.isfinite(end) and 0 <= start <= end):
-            raise ValueError(f"need 0 ≤ start ≤ end, got start={start}, end={end}")
+        start, end = real("KLWarmup", "start", start), real("KLWarmup", "end", end)
+        max_weight = real("KLWarmup", "max_weight", max_weight)
+        if not 0 <= start <= end:
+            raise ValueError(f"KLWarmup: need 0 ≤ start ≤ end, got start={start}, end={end}")
         if 0 < end - start < self.MIN_RAMP - 1e-9:  # a tolerance for start + 1 rounded
             raise ValueError(f"the warm-up from epoch {start:g} to {end:g} would take the KL weight from 0 to "
                              f"{max_weight:g} in less than an epoch, pruning weights before the data shaped them; "
                              f"ramp over at least {self.MIN_RAMP:g} epoch (end ≥ start + {self.MIN_RAMP:g}), or "
                              "pass start == end for no warm-up")
-        if not (math.isfinite(max_weight) and max_weight >= 0):
-            raise ValueError(f"max_weight must be finite and ≥ 0, got {max_weight}")
+        if max_weight < 0:
+            raise ValueError(f"KLWarmup: max_weight must be finite and ≥ 0, got {max_weight}")
         self.start, self.end, self.max_weight = start, end, max_weight
 
     def __call__(self, epoch):
+        epoch = real("KLWarmup", "epoch", epoch)  # a NaN epoch would give a NaN weight
         if epoch <= self.start:
             return 0.0 if self.end > self.start else self.max_weight
         if epoch >= self.end:
@@ -204,9 +245,8 @@ def freeze_masks(model, noise=False):
     without noise through the deterministic masked network, with ``noise=True`` sampling
     the kept weights' and units' noise, whose parameters train too. The masks are
     buffers: they travel with the state dict. Returns the frozen layers."""
-    layers = [layer for _, layer in sparsevd_modules(model) + sbp_modules(model)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no SparseVD or SBPDropout layers to freeze")
+    noise = flag("freeze_masks", "noise", noise)
+    layers = [layer for _, layer in require_pruning_layers(model, "freeze_masks")]
     for layer in layers:
         layer.freeze_mask(noise=noise)
     return layers
@@ -215,7 +255,7 @@ def freeze_masks(model, noise=False):
 def unfreeze_masks(model):
     """Undo :func:`freeze_masks`: every SparseVD layer's mask follows log α and the
     threshold again, every SBPDropout's the SNR. Returns the layers."""
-    layers = [layer for _, layer in sparsevd_modules(model) + sbp_modules(model)]
+    layers = [layer for _, layer in require_pruning_layers(model, "unfreeze_masks")]
     for layer in layers:
         layer.unfreeze_mask()
     return layers
@@ -228,7 +268,10 @@ def compression(model):
     weights (the SparseVD paper's count). With them: the non-zero weights of the dense
     network that ``sparsify`` cuts the pruned units from (a weight counts when its mask
     and the SBP layers keep it and it connects two kept units), of all the weights of
-    ``model``'s linear and convolution layers."""
+    ``model``'s linear and convolution layers. A model without SparseVD and SBPDropout
+    layers is refused (ValueError): :func:`sparsevd.report` counts any model's weights."""
+    require_pruning_layers(model, "compression", hint="; sparsevd.report(model).total counts the kept weights "
+                           "of any model, a sparsified one included")
     if not sbp_modules(model):
         counts = [kept_weights(layer) for _, layer in sparsevd_modules(model)]
     else:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._validate import integer, module
 from .layers import SparseVDModule
 from .likelihoods import GaussianLikelihood
 from .sbp import SBPDropout
@@ -57,11 +58,6 @@ class Prediction:
     samples: torch.Tensor | None = None
     epistemic_variance: torch.Tensor | None = None
     aleatoric_variance: torch.Tensor | None = None
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"predict: {name} must be a positive int, got {value!r}")
 
 
 def _stochastic_layers(model):
@@ -137,17 +133,16 @@ def predict(model, x, samples=32, task="classification", batch_samples=None, ret
     model holds as a submodule, if any. ``x``: a tensor whose first dimension is the
     batch. Returns a :class:`Prediction`.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"predict expects an nn.Module, got {type(model).__name__}")
+    module("predict", model)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"predict: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"predict: x must have a non-empty batch dimension first, got shape {tuple(x.shape)}")
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError("predict: x contains NaN or Inf")
-    _positive_int("samples", samples)
+    samples = integer("predict", "samples", samples, 1, "a positive int")
     if batch_samples is not None:
-        _positive_int("batch_samples", batch_samples)
+        batch_samples = integer("predict", "batch_samples", batch_samples, 1, "a positive int")
     if task not in TASKS:
         raise ValueError(f"predict: task must be one of {TASKS}, got {task!r}")
     if likelihood is not None and not isinstance(likelihood, GaussianLikelihood):

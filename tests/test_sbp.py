@@ -400,7 +400,7 @@ def test_layer_errors():
         sparsevd.SBPDropout(3, bounds=(1.0, -1.0))
     with pytest.raises(ValueError, match="threshold"):
         sparsevd.SBPDropout(3, threshold=float("nan"))
-    with pytest.raises(ValueError, match="dim"):
+    with pytest.raises(TypeError, match="dim"):
         sparsevd.SBPDropout(3, dim=1.5)
     layer = sparsevd.SBPDropout(3, dim=2)
     with pytest.raises(ValueError, match="out of range"):

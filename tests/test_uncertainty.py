@@ -185,8 +185,8 @@ def test_works_under_autocast_and_reports_float32():
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"samples": 0}, ValueError, "samples must be a positive int"),
     ({"samples": -3}, ValueError, "samples must be a positive int"),
-    ({"samples": 2.5}, ValueError, "samples must be a positive int"),
-    ({"samples": True}, ValueError, "samples must be a positive int"),
+    ({"samples": 2.5}, TypeError, "samples must be a positive int"),
+    ({"samples": True}, TypeError, "samples must be a positive int"),
     ({"batch_samples": 0}, ValueError, "batch_samples must be a positive int"),
     ({"task": "classify"}, ValueError, "task must be one of"),
     ({"x": [[1.0, 2.0, 3.0]]}, TypeError, "x must be a torch.Tensor"),

@@ -68,7 +68,7 @@ def test_shared_alpha_starts_at_the_variance_of_log_sigma2_init(alpha, init):
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-def test_shared_alpha_init_is_clamped_and_handles_zero_and_empty_weights():
+def test_shared_alpha_init_is_clamped_and_handles_zero_weights():
     layer = sparsevd.SparseVDLinear(3, 2, alpha="unit", log_sigma2_init=-5.0)
     with torch.no_grad():
         layer.weight[0].zero_()
@@ -76,10 +76,9 @@ def test_shared_alpha_init_is_clamped_and_handles_zero_and_empty_weights():
     # θ = 0: log α = −5 − log(1e-8) = 13.4, clamped to 10 and pruned at once, as with alpha="weight"
     assert layer.log_alpha_unit[0].item() == 10.0 and layer.log_alpha_unit[1].item() < 3.0
     assert layer.mask()[0].sum() == 0 and layer.mask()[1].all()
-    for alpha in ("unit", "layer"):
-        empty = sparsevd.SparseVDLinear(0, 3, alpha=alpha)
-        assert torch.isfinite(empty._raw_variance()).all()
-        assert empty.kl().item() == 0.0 and empty.total_weights() == 0
+    for alpha in ("unit", "layer"):  # a layer without weights is refused (issue 20), whatever its variant
+        with pytest.raises(ValueError, match="in_features must be an int ≥ 1, got 0"):
+            sparsevd.SparseVDLinear(0, 3, alpha=alpha)
 
 
 @pytest.mark.parametrize("alpha", ALL)

@@ -9,9 +9,10 @@ the one it was built against (recorded by setup.py in ``sparsevd/_build_info.py`
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import torch
+
+from .. import _warnings
 
 #: Why the extension is not loaded (None when it is).
 ERROR = None
@@ -36,7 +37,7 @@ def load():
             "not loading it (an extension built for another torch can crash). Rebuild it for this torch: "
             "pip install --no-build-isolation -e . (or reinstall sparsevd)"
         )
-        warnings.warn(str(ERROR) + " Running on the reference kernels meanwhile.", RuntimeWarning, stacklevel=4)
+        _warnings.warn(str(ERROR) + " Running on the reference kernels meanwhile.", RuntimeWarning)
         return False
     try:
         importlib.import_module("sparsevd._C")
