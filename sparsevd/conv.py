@@ -137,11 +137,32 @@ def lrt_conv1d(input, weight, log_sigma2, bias=None, stride=1, padding=0, dilati
     return _lrt_conv(1, input, weight, log_sigma2, bias, stride, padding, dilation, groups, seed, generator)
 
 
+_GEOMETRY = ("stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def _geometry_property(name):
+    """The convolution's ``name`` (stride, padding, ...), checked with the rest of the
+    geometry whenever it is set: every forward reads it."""
+
+    def get(self):
+        return self._geometry[name]
+
+    def set(self, value):
+        self._set_geometry(**{**self._geometry, name: value})
+
+    return property(get, set, doc=f"The convolution's {name}, as nn.Conv*d's (checked when set).")
+
+
 class _SparseVDConvNd(SparseVDModule):
     """The N-d SparseVD convolution; subclasses fix ``dims`` and the torch layer they replace."""
 
     dims: int
     dense_type: type
+    stride = _geometry_property("stride")
+    padding = _geometry_property("padding")
+    dilation = _geometry_property("dilation")
+    groups = _geometry_property("groups")
+    padding_mode = _geometry_property("padding_mode")
 
     def __init__(
         self,
@@ -166,19 +187,33 @@ class _SparseVDConvNd(SparseVDModule):
         in_channels = integer(op, "in_channels", in_channels, 1)
         out_channels = integer(op, "out_channels", out_channels, 1)
         self.kernel_size = _int_tuple(op, "kernel_size", kernel_size, self.dims, 1)
-        self.stride, self.padding, self.dilation, groups = _conv_args(op, self.dims, stride, padding, dilation,
-                                                                      groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"{op}: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
-            )
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"{op}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.padding_mode = padding_mode
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self._set_geometry(stride, padding, dilation, groups, padding_mode)
         self._init_sparsevd(threshold, log_sigma2_init, log_alpha_range, alpha)
         factory = {"device": device, "dtype": dtype}
-        self._create_parameters((out_channels, in_channels // groups, *self.kernel_size), bias, factory)
+        self._create_parameters((out_channels, in_channels // self.groups, *self.kernel_size), bias, factory)
+
+    def _set_geometry(self, stride, padding, dilation, groups, padding_mode):
+        """Check the geometry as nn.Conv*d's constructor does, and set it."""
+        op = type(self).__name__
+        stride, padding, dilation, groups = _conv_args(op, self.dims, stride, padding, dilation, groups)
+        if self.in_channels % groups or self.out_channels % groups:
+            raise ValueError(f"{op}: groups={groups} must divide in_channels={self.in_channels} and "
+                             f"out_channels={self.out_channels}")
+        weight = self._parameters.get("weight")
+        if weight is not None and weight.shape[1] * groups != self.in_channels:
+            raise ValueError(f"{op}: groups={groups} does not fit the weight of shape {tuple(weight.shape)} "
+                             f"({self.in_channels} input channels)")
+        if not isinstance(padding_mode, str) or padding_mode not in PADDING_MODES:
+            raise ValueError(f"{op}: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        self._geometry = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
+                          "padding_mode": padding_mode}
+
+    def __setstate__(self, state):
+        # a layer pickled before its geometry was checked properties
+        if "_geometry" not in state:
+            state["_geometry"] = {name: state.pop(name) for name in _GEOMETRY}
+        super().__setstate__(state)
 
     def _padded(self, input):
         """The input padded by ``padding_mode`` and the padding left to the convolution."""
@@ -208,8 +243,9 @@ class _SparseVDConvNd(SparseVDModule):
     def _eval_forward(self, input):
         """conv(x, θ ⊙ mask) + b with the cached masked weight, as cheap as the dense layer."""
         try:  # the dense convolution's own checks cost nothing when the input is right
-            if input.device != self.weight.device:  # torch's convolution lets meta inputs through
-                raise ValueError("device mismatch")
+            # torch's convolution lets meta inputs through; _check_input says what is wrong
+            if not isinstance(input, torch.Tensor) or input.device != self.weight.device:
+                raise ValueError("not a tensor on the weight's device")
             x, padding = self._padded(input)
             return _CONV[self.dims](x, self._effective_weight(), self.bias, self.stride, padding, self.dilation,
                                     self.groups)

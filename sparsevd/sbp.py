@@ -106,7 +106,7 @@ class SBPDropout(nn.Module):
                  mu_init=0.0, log_sigma_init=-5.0, device=None, dtype=None):
         super().__init__()
         self.num_features = integer("SBPDropout", "num_features", num_features, 1)
-        self.dim = integer("SBPDropout", "dim", dim)
+        self.dim = dim
         self.threshold = threshold
         self.bounds = bounds
         self.mu_init = real("SBPDropout", "mu_init", mu_init)
@@ -119,8 +119,17 @@ class SBPDropout(nn.Module):
         self._eval_cache = None
         self.reset_parameters()
 
-    # threshold and bounds are read by every forward, so a bad value is refused when it is
-    # set: later it would prune every unit (NaN) or fail deep inside torch
+    # dim, threshold and bounds are read by every forward, so a bad value is refused when
+    # it is set: later it would prune every unit (NaN) or fail deep inside torch
+    @property
+    def dim(self):
+        """The units' dimension of the input: an int (negative counts from the end)."""
+        return self._dim
+
+    @dim.setter
+    def dim(self, value):
+        self._dim = integer("SBPDropout", "dim", value)
+
     @property
     def threshold(self):
         """Keep a unit when SNR > threshold: a finite number (stored as a float)."""
@@ -140,8 +149,8 @@ class SBPDropout(nn.Module):
         self._bounds = interval("SBPDropout", "bounds", value, ("a", "b"))
 
     def __setstate__(self, state):
-        # a layer pickled before threshold and bounds were checked properties
-        for name in ("threshold", "bounds"):
+        # a layer pickled before dim, threshold and bounds were checked properties
+        for name in ("dim", "threshold", "bounds"):
             if name in state:
                 state["_" + name] = state.pop(name)
         super().__setstate__(state)
