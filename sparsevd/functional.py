@@ -11,6 +11,7 @@ import math
 import torch
 
 from . import backends, reference  # noqa: F401  (importing backends registers the kernels)
+from ._validate import integer, interval
 from .noise import draw_seed
 
 __all__ = [
@@ -70,21 +71,15 @@ def _as_2d(input):
     return input.reshape(math.prod(input.shape[:-1]), input.shape[-1])
 
 
-def _check_range(op, log_alpha_range):
-    lo, hi = (float(v) for v in log_alpha_range)
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-        raise ValueError(f"{op}: log_alpha_range must be two finite numbers lo < hi, got {log_alpha_range}")
-    return lo, hi
-
-
-def _as_seed(seed, generator):
+def _as_seed(op, seed, generator):
     if seed is None:
         return draw_seed(generator)
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"seed must be a one-element int64 tensor or an int, got {seed.dtype} {tuple(seed.shape)}")
+            raise ValueError(f"{op}: seed must be a one-element int64 tensor or an int, got {seed.dtype} "
+                             f"{tuple(seed.shape)}")
         return seed.reshape(()).cpu()
-    return torch.tensor(int(seed), dtype=torch.int64)
+    return torch.tensor(integer(op, "seed", seed, what="an int or a one-element int64 tensor"), dtype=torch.int64)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,7 +117,7 @@ def lrt_linear(input, weight, log_sigma2, bias=None, *, seed=None, generator=Non
     input, weight, log_sigma2, bias = _autocast(input, weight, log_sigma2, bias)
     _check_params(op, weight, log_sigma2)
     _check_input(op, input, weight.shape[1], weight, bias, weight.shape[0])
-    seed = _as_seed(seed, generator)
+    seed = _as_seed(op, seed, generator)
     y, _ = torch.ops.sparsevd.lrt_linear(_as_2d(input), weight, log_sigma2, bias, seed)
     return y.reshape(*input.shape[:-1], weight.shape[0])
 
@@ -138,7 +133,7 @@ def masked_linear(input, weight, mask, bias=None):
 def lrt_noise(input, weight, seed):
     """The float32 noise ``z`` that ``lrt_linear(input, weight, ..., seed=seed)`` used."""
     _check_tensor("input", input, "lrt_noise")
-    seed = _as_seed(seed, None)
+    seed = _as_seed("lrt_noise", seed, None)
     z = torch.ops.sparsevd.lrt_noise(_as_2d(input), weight, seed)
     return z.reshape(*input.shape[:-1], weight.shape[0])
 
@@ -165,13 +160,13 @@ def lrt_sample(mean, var, *, seed=None, generator=None):
     op = "lrt_sample"
     mean, var = _autocast(mean, var)
     _check_mean_var(op, mean, var)
-    return torch.ops.sparsevd.lrt_sample(mean, var, _as_seed(seed, generator))[0]
+    return torch.ops.sparsevd.lrt_sample(mean, var, _as_seed(op, seed, generator))[0]
 
 
 def lrt_sample_noise(mean, seed):
     """The float32 noise ``z`` that ``lrt_sample(mean, var, seed=seed)`` used."""
     _check_tensor("mean", mean, "lrt_sample_noise")
-    return torch.ops.sparsevd.lrt_sample_noise(mean, _as_seed(seed, None))
+    return torch.ops.sparsevd.lrt_sample_noise(mean, _as_seed("lrt_sample_noise", seed, None))
 
 
 def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE):
@@ -184,7 +179,7 @@ def kl_divergence(weight, log_sigma2, log_alpha_range=reference.LOG_ALPHA_RANGE)
             f"{op}: log_sigma2 must have the shape of weight {tuple(weight.shape)}, got {tuple(log_sigma2.shape)}"
         )
     _check_same(op, "weight", weight, log_sigma2=log_sigma2)
-    lo, hi = _check_range(op, log_alpha_range)
+    lo, hi = interval(op, "log_alpha_range", log_alpha_range)
     if torch.is_grad_enabled() and (weight.requires_grad or log_sigma2.requires_grad):
         # Training: the gradients come out of the same sweep as the sum and are kept for
         # backward (which only scales them), instead of a second sweep over the weights.

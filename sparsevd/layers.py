@@ -41,15 +41,17 @@ _VARIANCE_NAMES = {"weight": "log_sigma2", "unit": "log_alpha_unit", "layer": "l
                    "fixed": "fixed_log_alpha"}
 
 
-def _variant(alpha):
+def _variant(alpha, where=None):
+    """The variant named by ``alpha``; ``where`` (the layer) prefixes the errors."""
+    where = f"{where}: " if where else ""
     if isinstance(alpha, str):
         if alpha not in ("weight", "unit", "layer"):
-            raise ValueError(f"alpha must be 'weight', 'unit', 'layer' or a fixed α > 0, got {alpha!r}")
+            raise ValueError(f"{where}alpha must be 'weight', 'unit', 'layer' or a fixed α > 0, got {alpha!r}")
         return alpha
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be 'weight', 'unit', 'layer' or a number (a fixed α), got {alpha!r}")
+        raise TypeError(f"{where}alpha must be 'weight', 'unit', 'layer' or a number (a fixed α), got {alpha!r}")
     if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"a fixed alpha must be a finite number > 0, got {alpha}")
+        raise ValueError(f"{where}a fixed alpha must be a finite number > 0, got {alpha}")
     return "fixed"
 
 
@@ -89,7 +91,7 @@ class SparseVDModule(nn.Module):
         self.threshold = threshold
         self.log_sigma2_init = real(type(self).__name__, "log_sigma2_init", log_sigma2_init)
         self.log_alpha_range = log_alpha_range
-        self.variant = _variant(alpha)
+        self.variant = _variant(alpha, type(self).__name__)
         self._initial_fixed_alpha = float(alpha) if self.variant == "fixed" else None
         self.register_buffer("frozen_mask", None)
         self.frozen_noise = False
@@ -422,7 +424,7 @@ class SparseVDLinear(SparseVDModule):
     def from_linear(cls, linear, **kwargs):
         """A SparseVDLinear whose θ and bias are copied from a trained ``nn.Linear``."""
         if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+            raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls(
             linear.in_features,
             linear.out_features,

@@ -74,14 +74,14 @@ def sbp_sample(mu, log_sigma, batch, bounds=reference.SBP_BOUNDS, *, seed=None, 
     _check_batch(op, batch)
     a, b = reference.sbp_check_bounds(bounds)
     with_grad = torch.is_grad_enabled() and (mu.requires_grad or log_sigma.requires_grad)
-    return torch.ops.sparsevd.sbp_sample(mu, log_sigma, _as_seed(seed, generator), batch, a, b, with_grad)[0]
+    return torch.ops.sparsevd.sbp_sample(mu, log_sigma, _as_seed(op, seed, generator), batch, a, b, with_grad)[0]
 
 
 def sbp_noise(mu, batch, seed):
     """The float32 uniforms [batch, units] that ``sbp_sample(mu, ..., batch, seed=seed)`` used."""
     _check_tensor("mu", mu, "sbp_noise")
     _check_batch("sbp_noise", batch)
-    return torch.ops.sparsevd.sbp_noise(mu, _as_seed(seed, None), batch)
+    return torch.ops.sparsevd.sbp_noise(mu, _as_seed("sbp_noise", seed, None), batch)
 
 
 class SBPDropout(nn.Module):

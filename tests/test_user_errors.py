@@ -510,3 +510,30 @@ def test_predict_accepts_numpy_sample_counts():
     out = sparsevd.predict(model, torch.randn(2, 3), samples=np.int64(4), batch_samples=np.int32(2),
                            return_samples=True)
     assert out.samples.shape == (4, 2, 2)
+
+
+def test_functional_seeds_and_ranges_are_checked():
+    layer = sparsevd.SparseVDLinear(4, 3)
+    x, w, s = torch.randn(2, 4), layer.weight, layer.log_sigma2
+    lrt = sparsevd.functional.lrt_linear
+    torch.testing.assert_close(lrt(x, w, s, seed=np.int64(7)), lrt(x, w, s, seed=7))
+    for bad, error in [(1.5, TypeError), ("7", TypeError), (True, TypeError)]:  # 1.5 used to run as seed 1
+        with pytest.raises(error, match="lrt_linear: seed must be an int or a one-element int64 tensor"):
+            lrt(x, w, s, seed=bad)
+    with pytest.raises(TypeError, match="sbp_sample: seed must be an int"):
+        sparsevd.sbp.sbp_sample(torch.zeros(3), torch.zeros(3), 2, seed=0.5)
+    with pytest.raises(TypeError, match="lrt_sample_noise: seed must be an int"):
+        sparsevd.functional.lrt_sample_noise(torch.zeros(3), 0.5)
+    for bad, error in [((1, "a"), TypeError), ((1, 0), ValueError), (None, TypeError)]:
+        with pytest.raises(error, match="kl_divergence: log_alpha_range must be two finite numbers"):
+            sparsevd.functional.kl_divergence(w, s, bad)
+
+
+def test_alpha_errors_name_the_layer():
+    with pytest.raises(ValueError, match="^SparseVDConv2d: alpha must be 'weight', 'unit', 'layer'"):
+        sparsevd.SparseVDConv2d(4, 3, 3, alpha="units")
+    with pytest.raises(TypeError, match="^SparseVDLinear: alpha must be"):
+        sparsevd.SparseVDLinear(4, 3, alpha=None)
+    assert sparsevd.SparseVDLinear(4, 3, alpha=np.float32(0.5)).alpha == pytest.approx(0.5)
+    with pytest.raises(TypeError, match="^SparseVDLinear.from_linear expects an nn.Linear, got Conv2d"):
+        sparsevd.SparseVDLinear.from_linear(nn.Conv2d(1, 1, 1))
