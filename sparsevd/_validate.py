@@ -24,10 +24,11 @@ def _scalar_tensor(value):
 def real(where, name, value, what="a finite real number", check=math.isfinite):
     """``value`` as a float; TypeError unless a real number (not a bool), ValueError unless
     ``check(value)`` (default: finite). ``what`` says what is expected in the message."""
-    if _scalar_tensor(value):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: {name} must be {what}, got {value!r} ({type(value).__name__})")
+    if type(value) is not float and type(value) is not int:  # plain numbers skip the slower checks
+        if _scalar_tensor(value):
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}: {name} must be {what}, got {value!r} ({type(value).__name__})")
     value = float(value)
     if not check(value):
         raise ValueError(f"{where}: {name} must be {what}, got {value}")
@@ -38,10 +39,11 @@ def integer(where, name, value, minimum=None, what=None):
     """``value`` as an int; TypeError unless an integer (Python, numpy or a 0-d integral
     tensor; not a bool, not a float), ValueError below ``minimum``."""
     what = what or ("an int" if minimum is None else f"an int ≥ {minimum}")
-    if _scalar_tensor(value) and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be {what}, got {value!r} ({type(value).__name__})")
+    if type(value) is not int:  # a plain int skips the slower checks
+        if _scalar_tensor(value) and not value.is_floating_point():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{where}: {name} must be {what}, got {value!r} ({type(value).__name__})")
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{where}: {name} must be {what}, got {value}")
@@ -56,7 +58,7 @@ def interval(where, name, value, bounds=("lo", "hi")):
         first, second = value
     except (TypeError, ValueError):
         raise TypeError(f"{where}: {name} must be {what}, got {value!r}") from None
-    first, second = (real(where, name, v, what) for v in (first, second))
+    first, second = real(where, name, first, what), real(where, name, second, what)
     if not first < second:
         raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
     return first, second

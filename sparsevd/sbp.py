@@ -112,8 +112,8 @@ class SBPDropout(nn.Module):
         self.mu_init = real("SBPDropout", "mu_init", mu_init)
         self.log_sigma_init = real("SBPDropout", "log_sigma_init", log_sigma_init)
         factory = {"device": device, "dtype": floating_dtype("SBPDropout", dtype)}
-        self.mu = nn.Parameter(torch.empty(num_features, **factory))
-        self.log_sigma = nn.Parameter(torch.empty(num_features, **factory))
+        self.mu = nn.Parameter(torch.empty(self.num_features, **factory))
+        self.log_sigma = nn.Parameter(torch.empty(self.num_features, **factory))
         self.register_buffer("frozen_mask", None)  # set by freeze_mask, for fine-tuning
         self.frozen_noise = False
         self._eval_cache = None

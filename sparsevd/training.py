@@ -48,7 +48,8 @@ def require_pruning_layers(model, what, warn=False, hint=""):
     if not layers:
         message = (f"{what}: {type(model).__name__} has no SparseVD layers and no SBPDropout layers, so nothing in "
                    "it is pruned; convert it first (model = sparsevd.convert(model) swaps its nn.Linear and "
-                   "nn.Conv1d/2d layers for SparseVD ones) or build it from sparsevd.SparseVDLinear / SparseVDConv2d" + hint)
+                   "nn.Conv1d/2d layers for SparseVD ones) or build it from sparsevd.SparseVDLinear / SparseVDConv2d"
+                   f"{hint}")
         if not warn:
             raise ValueError(message)
         _warnings.warn(message)

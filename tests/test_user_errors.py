@@ -467,7 +467,8 @@ def test_a_wrong_input_type_names_the_layer_in_every_mode(kind, mode):
         layer(torch.ones(2, 4, 6, 6, dtype=torch.long) if kind == "conv2d" else torch.ones(2, 4, dtype=torch.long))
     if kind != "sbp":  # SBPDropout multiplies in the input's dtype
         right = torch.randn(2, 4, 6, 6) if kind == "conv2d" else torch.randn(2, 4)
-        with pytest.raises(TypeError, match=f"^{name}: input has dtype torch.float64 but weight has dtype torch.float32"):
+        match = f"^{name}: input has dtype torch.float64 but weight has dtype torch.float32"
+        with pytest.raises(TypeError, match=match):
             layer(right.double())
 
 
