@@ -15,7 +15,7 @@ import torch
 import sparsevd
 from torch import nn
 
-from sparsevd.experiments import checkpoints, cli, config, loop, models, plots, results
+from sparsevd.experiments import checkpoints, cli, config, loop, measure, models, plots, render, results, thresholds
 from sparsevd.experiments import data as datasets
 from sparsevd.experiments.models import lenet_300_100, lenet5_caffe, mlp_500_300
 
@@ -178,20 +178,20 @@ def test_bad_flags_are_reported(tmp_path, capsys, flags, message):
 def test_choose_threshold_takes_the_most_compressed_within_tolerance():
     curve = [{"threshold": t, "val_error": e, "compression": c}
              for t, e, c in [(-1, 9.0, 90), (0, 2.1, 40), (1, 2.0, 20), (3, 2.0, 10), (5, 2.05, 5)]]
-    assert results.choose_threshold(curve, 0.1) == 0
-    assert results.choose_threshold(curve, 0.0) == 1
+    assert thresholds.choose_threshold(curve, 0.1) == 0
+    assert thresholds.choose_threshold(curve, 0.0) == 1
 
 
 def test_table_row_is_the_papers_format():
     summary = {"network": "LeNet-300-100", "method": "sparsevd", "random_labels": False, "test_error": 1.9234,
                "layers": [{"sparsity": 0.989}, {"sparsity": 0.972}, {"sparsity": 0.62}], "compression": 68.2,
                "threshold": 2.5}
-    assert results.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 | log α < 2.5 |"
+    assert render.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 | log α < 2.5 |"
     summary.update(random_labels=True, layers=[{"sparsity": 1.0}], compression=float("inf"))
-    assert results.table_row(summary) == (
+    assert render.table_row(summary) == (
         "| LeNet-300-100 | SparseVD, random labels | 1.92 | 100.0 | ∞ (all pruned) | log α < 2.5 |")
     summary.update(method="dense", random_labels=False, layers=[], compression=1.0, threshold=None)
-    assert results.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
+    assert render.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
 
 
 # ------------------------------------------------------------------ training runs
@@ -209,7 +209,7 @@ def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
     assert summary["compression"] > 3, summary["compression"]
     assert summary["sizes"] == {"train": 1200, "val": 400, "test": 1000}
     curve = json.loads((out / "summary.json").read_text())["threshold_curve"]
-    assert [p["threshold"] for p in curve] == results.THRESHOLDS and summary["threshold"] in results.THRESHOLDS
+    assert [p["threshold"] for p in curve] == thresholds.THRESHOLDS and summary["threshold"] in thresholds.THRESHOLDS
     text = (out / "results.md").read_text()
     assert "| LeNet-300-100 | dense |" in text and "| LeNet-300-100 | SparseVD |" in text
     assert f"{summary['test_error']:.2f}" in text and "sparsify()'d" in text and "mutual information" in text
@@ -616,7 +616,7 @@ def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
     torch.testing.assert_close(fast(x), lenet5(x), rtol=1e-4, atol=1e-5)
     assert [tuple(m.weight.shape) for m in fast if isinstance(m, (nn.Linear, nn.Conv2d))] == [
         (3, 1, 5, 5), (18, 3, 5, 5), (283, 288), (10, 283)]
-    rows, rep = results.structure(lenet5, (1, 28, 28))
+    rows, rep = measure.structure(lenet5, (1, 28, 28))
     assert [(r["units"], r["units_total"]) for r in rows] == [(3, 20), (18, 50), (288, 800), (283, 500)]
     assert [r["kept"] for r in rows] == [75, 18 * 3 * 25, 283 * 288, 10 * 283]
     assert sparsevd.compression(lenet5) == (sum(r["kept"] for r in rows), 430500)
@@ -628,7 +628,7 @@ def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
     mlp = _prune_units(models.build("mlp500", "sparsevd+sbp"), [245, 160, 55]).eval()
     fast = sparsevd.sparsify(mlp)
     torch.testing.assert_close(fast(x), mlp(x), rtol=1e-4, atol=1e-5)
-    rows, _ = results.structure(mlp, (1, 28, 28))
+    rows, _ = measure.structure(mlp, (1, 28, 28))
     assert [(r["units"], r["units_total"]) for r in rows] == [(245, 784), (160, 500), (55, 300)]
     dense_flops, unit_flops = (sum(r[k] for r in rows) for k in ("flops_dense", "flops_units"))
     assert dense_flops / unit_flops == pytest.approx(11.23, abs=0.01)  # the SBP paper's FLOPs for these units
@@ -717,7 +717,7 @@ def test_sbp_defaults_are_the_authors_recipe_and_the_lr_decays_from_half_way(tmp
     assert len(sbp_group["params"]) == 6 and sbp_group["initial_lr"] == 0.02 and net_group["initial_lr"] == 1e-3
     saved = torch.load(tmp_path / "fast" / checkpoints.CHECKPOINT, weights_only=True)["config"]
     assert saved["sbp_lr"] == 0.02
-    text = results.recipe_text(results.recipe(argparse.Namespace(**saved)))
+    text = render.recipe_text(measure.recipe(argparse.Namespace(**saved)))
     assert "(SBP's μ and log σ: lr 0.02, on the same schedule)" in text
 
 

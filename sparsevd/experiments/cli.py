@@ -1,7 +1,7 @@
 """The training command, ``sparsevd-train`` / ``python -m sparsevd.train``: flags in
 :mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, several processes in
-:mod:`.distributed`, checkpoints in :mod:`.checkpoints`, the report in :mod:`.results` and
-:mod:`.plots`. Two phases: the training epochs, then (--finetune-epochs) the fine-tuning
+:mod:`.distributed`, checkpoints in :mod:`.checkpoints`, the threshold in :mod:`.thresholds`,
+the report in :mod:`.results` (:mod:`.measure`, :mod:`.render`, :mod:`.plots`). Two phases: the training epochs, then (--finetune-epochs) the fine-tuning
 with the masks fixed."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import sparsevd
 
-from . import config, distributed, loop, plots, results
+from . import config, distributed, loop, measure, plots, render, results, thresholds
 from .checkpoints import (BEFORE_FINETUNE, CHECKPOINT, CHECKPOINT_FORMAT, CheckpointError, load_checkpoint,
                           load_pretrained, save_checkpoint)
 from .data import load_data
@@ -77,9 +77,9 @@ class Run:
             # Fixing the masks again after a resume changes nothing (the masks came with
             # the state dict, the pruned weights are zero); it sets the noise mode, which
             # the state dict does not hold.
+            if self.finetune["threshold"] is not None:
+                thresholds.apply(self.model, self.finetune["threshold"])
             for layer in sparsevd.freeze_masks(self.model, noise=c.finetune_noise):
-                if isinstance(layer, sparsevd.SparseVDModule):
-                    layer.threshold = self.finetune["threshold"]
                 # without the noise the data term gives log σ² (SBP: μ, log σ) no gradient:
                 # leave them out of the optimizer and of DDP, which waits for a gradient of
                 # every parameter
@@ -251,12 +251,12 @@ def start_finetune(run):
     resumed run fine-tunes the same masks."""
     c = run.c
     run.save(BEFORE_FINETUNE)  # before the threshold's choice draws from the random state
-    selection = results.select_threshold(c, run.model, run.data, run.world)
-    before = results.measure(run.model, run.data, run.world)
+    selection = thresholds.select_threshold(c, run.model, run.data, run.world)
+    before = measure.measure(run.model, run.data, run.world)
     run.finetune = {**selection, "before": before, "epochs": c.finetune_epochs, "noise": c.finetune_noise,
                     "lr": c.finetune_lr}
     run.setup()
-    run.log.info(f"fine-tuning for {results.plural(c.finetune_epochs, 'epoch')}: masks fixed at "
+    run.log.info(f"fine-tuning for {render.plural(c.finetune_epochs, 'epoch')}: masks fixed at "
                  f"{loop.kept_where(run.model)} "
                  f"({before['compression']:.1f}×; test error {before['test_error']:.2f}%, validation error "
                  f"{before['val_error']:.2f}%), data term only, {'with' if c.finetune_noise else 'without'} noise, "
@@ -310,12 +310,12 @@ def _run(c, saved, world, device):
                      f"{len(data['val_y'])} validation / {len(data['test_y'])} test images"
                      + (" (random training labels)" if c.random_labels else "") + f"; device {device}"
                      + (f"; {world.size} processes ({distributed.backend_name(world)}, "
-                        f"{results.plural(torch.get_num_threads(), 'thread')} each), batch "
+                        f"{render.plural(torch.get_num_threads(), 'thread')} each), batch "
                         f"{c.batch_size // world.size} per process" if world.size > 1 else ""))
             if pretrained is not None:
                 log.info(f"initialised from the dense network of {c.init_from} (epoch {pretrained[1]})"
                          + (f", log σ² = {c.init_log_sigma2}" if c.init_log_sigma2 is not None else ""))
-            log.info(f"recipe: {results.recipe_text(results.recipe(c))}")
+            log.info(f"recipe: {render.recipe_text(measure.recipe(c))}")
             for line in config.schedule_warnings(c, math.ceil(len(data["train_y"]) / c.batch_size)):
                 state.warn(f"warning: {line}")
             state.record_snapshot()
