@@ -17,7 +17,7 @@ import torch
 import sparsevd
 
 from .distributed import SINGLE
-from .loop import cut_copy, error_rate, pruned_copy, sbp_units
+from .loop import cut_copy, error_rate, prunes, pruned_copy, sbp_units
 from .models import METHODS, MODELS
 
 #: Batch sizes of the inference timings (the targets are at 1 and 64).
@@ -109,7 +109,7 @@ def inference_timings(c, model, x):
     (the pruned weights in dense layers of full size, run as sparsify runs its results)
     and the :func:`sparsevd.sparsify`'d network, with ``speedup`` = dense network /
     sparsify'd."""
-    pruning = any(METHODS[c.method])
+    pruning = prunes(model)
     devices = [torch.device("cpu")] + ([x.device] if x.is_cuda else [])
     rows = []
     for device in devices:
@@ -183,8 +183,12 @@ def examples_per_second(history, train_size):
 
 def recipe(c):
     """The optimisation recipe of the run's training epochs (the flags with their defaults
-    filled in), as a dict."""
+    filled in), as a dict; with --method magnitude, ``pruning``: its schedule."""
     with_kl = any(METHODS[c.method])
-    return {"batch_size": c.batch_size, "adam_beta1": c.adam_beta1, "lr": c.lr, "sbp_lr": c.sbp_lr,
-            "lr_decay_start": c.lr_decay_start, "lr_end": c.lr * c.lr_end, "kl_weight": c.kl_weight if with_kl else None,
-            "kl_warmup": list(c.kl_warmup) if with_kl else None, "init_from": c.init_from}
+    r = {"batch_size": c.batch_size, "adam_beta1": c.adam_beta1, "lr": c.lr, "sbp_lr": c.sbp_lr,
+         "lr_decay_start": c.lr_decay_start, "lr_end": c.lr * c.lr_end, "kl_weight": c.kl_weight if with_kl else None,
+         "kl_warmup": list(c.kl_warmup) if with_kl else None, "init_from": c.init_from}
+    if c.method == "magnitude":
+        r["pruning"] = {"target_compression": c.target_compression, "scope": c.prune_scope, "end_epoch": c.prune_end,
+                        "every": c.prune_every}
+    return r

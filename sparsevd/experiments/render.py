@@ -20,7 +20,17 @@ def recipe_text(r):
         start, end = r["kl_warmup"]
         warm = f"0 until epoch {start:g}, linear to it at {end:g}" if end > start else "no warm-up"
         text += f"; KL weight {r['kl_weight']:g} ({warm})"
+    if r.get("pruning"):
+        text += "; " + pruning_text(r["pruning"])
     return text + (f"; from the dense network of {r['init_from']}" if r["init_from"] else "; from scratch")
+
+
+def pruning_text(p):
+    """Magnitude pruning's schedule (:func:`.measure.recipe`'s ``pruning``), as a phrase."""
+    scope = "over all layers together" if p["scope"] == "global" else "the same share of each layer"
+    return (f"magnitude pruning ({p['scope']}: the smallest |w| {scope}) to {p['target_compression']:g}× on Zhu & "
+            f"Gupta's cubic schedule from epoch 0 to {p['end_epoch']:.3g}, every {plural(p['every'], 'step')}, then the "
+            "mask fixed")
 
 
 def _method(s):
@@ -31,6 +41,8 @@ def _kept_where(s):
     parts = [f"log α < {s['threshold']:g}"] if s.get("threshold") is not None else []
     if s.get("sbp_threshold") is not None:
         parts.append(f"SNR > {s['sbp_threshold']:g}")
+    if s.get("pruning"):
+        parts.append(f"largest magnitudes ({s['pruning']['scope']})")
     return ", ".join(parts) or "–"
 
 
@@ -152,10 +164,12 @@ def results_markdown(s, rep, dense=None):
                       f"the non-zero weights {flops['nonzero']:,}."]
     if tuned:
         before, after = tuned["before"], tuned["after"]
-        lines += ["", f"Fine-tuning: {plural(tuned['epochs'], 'epoch')} with the masks fixed at {_kept_where(s)}, on "
-                      f"the data term alone (no KL), {'with' if tuned['noise'] else 'without'} the noise of the kept "
-                      f"weights and units, Adam from lr {tuned['lr']:g} decaying linearly; the pruned weights and "
-                      "units stayed exactly zero.",
+        how = "on the data term" if s.get("pruning") else \
+            f"on the data term alone (no KL), {'with' if tuned['noise'] else 'without'} the noise of the kept weights " \
+            "and units"
+        lines += ["", f"Fine-tuning: {plural(tuned['epochs'], 'epoch')} with the masks fixed at {_kept_where(s)}, {how}, "
+                      f"Adam from lr {tuned['lr']:g} decaying linearly; the pruned weights and units stayed exactly "
+                      "zero.",
                   "", "| | test error % | validation error % | train error % | \\|W\\|/\\|W≠0\\| |",
                   "|---|---|---|---|---|"]
         lines += [f"| {name} fine-tuning | {m['test_error']:.2f} | {m['val_error']:.2f} | {m['train_error']:.2f} | "
@@ -163,16 +177,22 @@ def results_markdown(s, rep, dense=None):
     if rep is not None:
         kept = []
         if s["threshold"] is not None:
-            how = "chosen on the validation split" if s["threshold_chosen"] else "given"
+            if s.get("threshold_rule"):  # summaries from before the rule was recorded have none
+                how = s["threshold_rule"] if s["threshold_rule"].startswith("given") else \
+                    f"chosen on the validation split: {s['threshold_rule']}"
+            else:
+                how = "chosen on the validation split" if s["threshold_chosen"] else "given"
             kept.append(f"SparseVD weights where log α < {s['threshold']:g} ({how})")
         if s["sbp_threshold"] is not None:
             kept.append(f"SBP units where SNR > {s['sbp_threshold']:g}")
+        if s.get("pruning"):
+            kept.append(f"the weights left by {pruning_text(s['pruning'])}")
         epochs = "training epoch lines (the fine-tuning ones: the fixed masks)" if tuned else "epoch lines"
         during = f" at the layers' threshold during training, log α < {s['training_threshold']}" \
             if s["training_threshold"] else ""
-        lines += ["", f"Kept: {' and '.join(kept)}; the {epochs} of train.log count them{during}. KL weight "
-                  f"{s['kl_weight']:g}. Per layer (a weight counts as kept when its units are kept too):", "",
-                  "```", str(rep), "```"]
+        kl = f" KL weight {s['kl_weight']:g}." if s["kl_weight"] is not None else ""
+        lines += ["", f"Kept: {' and '.join(kept)}; the {epochs} of train.log count them{during}.{kl} Per layer (a "
+                  "weight counts as kept when its units are kept too):", "", "```", str(rep), "```"]
         if s["units"]:
             lines += ["", "Units kept per SBP layer: " + ", ".join(
                 f"layer {u['layer']} {u['kept']} of {u['total']}" for u in s["units"]) + "."]
@@ -198,7 +218,10 @@ def results_markdown(s, rep, dense=None):
     else:
         lines += ["| device | batch | dense model |", "|---|---|---|"]
         lines += [f"| {t['device']} | {t['batch']} | {_us(t['eval_model_s'])} |" for t in s["timings"]]
-    if tuned and not tuned["noise"]:
+    if s.get("pruning"):
+        lines += ["", "No uncertainty summary: magnitude pruning trains a point estimate, with no posterior to "
+                      "sample."]
+    elif tuned and not tuned["noise"]:
         lines += ["", "No uncertainty summary: fine-tuned without noise, the network is deterministic (a point "
                       "estimate); --finetune-noise keeps a posterior to sample."]
     if s["uncertainty"]:

@@ -13,7 +13,7 @@ import torch
 import sparsevd
 from sparsevd.training import collapse_message
 
-from . import measure, plots, render, thresholds
+from . import loop, measure, plots, render, thresholds
 from .loop import chance, error_rate, sbp_units
 from .models import METHODS, NETWORK_NAMES
 
@@ -51,11 +51,22 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
     results.md and summary.json; ``warnings``: the lines the run warned about so far.
     ``finetune``: what the fine-tuning started from (see :func:`.cli.start_finetune`), its
     threshold then the one reported; ``backend``: the process group's of a run of several
-    processes."""
+    processes. ``model``: the network (with --method magnitude, in SparseVD layers with the
+    masks fixed: see :func:`.magnitude.to_sparsevd`)."""
     sparse_vd, sbp = METHODS[c.method]
-    pruning = sparse_vd or sbp
+    bayesian = sparse_vd or sbp
+    pruning = loop.prunes(model)
     dense = read_summary(c.compare_dense, c.model) if c.compare_dense else None
-    selection = finetune or thresholds.select_threshold(c, model, data)
+    if finetune is not None:
+        selection = finetune
+    elif sparse_vd:
+        selection = thresholds.select_threshold(c, model, data)
+        log.info(thresholds.describe(selection))
+        if selection["warning"]:
+            log.warning(selection["warning"])
+            warnings = [*warnings, selection["warning"]]
+    else:
+        selection = thresholds.NONE
     model.eval()
     # the example shape lets the report count the convolutions' FLOPs per output position
     rows, rep = measure.structure(model, tuple(data["test_x"].shape[1:]))
@@ -68,10 +79,13 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
         "sizes": {k: len(data[f"{k}_y"]) for k in ("train", "val", "test")},
         "command": command,
         "recipe": measure.recipe(c),
-        "kl_weight": c.kl_weight if pruning else None,
+        "kl_weight": c.kl_weight if bayesian else None,
         "training_threshold": selection["training_threshold"],
         "threshold": selection["threshold"],
         "threshold_chosen": sparse_vd and c.threshold == "auto",
+        "threshold_rule": selection.get("rule"),  # not in the fine-tuning of checkpoints from before it was
+        "seed": c.seed,
+        "pruning": measure.recipe(c).get("pruning"),
         "sbp_threshold": c.sbp_threshold,
         "test_error": error_rate(model, data["test_x"], data["test_y"]),
         "train_error": error_rate(model, data["train_x"], data["train_y"]),
@@ -103,7 +117,7 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
             summary["warnings"].append(final)
     summary["timings"] = measure.inference_timings(c, model, data["test_x"])
     # fine-tuned without noise, the network is a point estimate: there is no posterior to sample
-    if pruning and (finetune is None or finetune["noise"]):
+    if bayesian and (finetune is None or finetune["noise"]):
         summary["uncertainty"] = measure.uncertainty_summary(model, data, c.samples)
 
     summary["plots"] = plots.plot_run(c.out, history, snapshots, model if sparse_vd else None,
