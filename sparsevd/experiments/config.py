@@ -55,14 +55,21 @@ directory of MNIST-format IDX files, and report what the papers report:
     sparsevd-train --model lenet300 --dataset fashion-mnist --out runs/fmnist-300
     sparsevd-train --model lenet5 --method dense --dataset fashion-mnist --out runs/l5-dense
     sparsevd-train --model lenet5 --method sbp --dataset fashion-mnist --init-from runs/l5-dense --out runs/l5-sbp
+    sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \
+        --target-compression 100 --finetune-epochs 15 --out runs/l5-magnitude
+    sparsevd-compare runs/l5-* --out runs/l5-compare
 
 Defaults follow the authors' recipes. SparseVD: Adam 1e-3, batch 100, 200 epochs,
 kl_weight 0 for the first 5 epochs and linear to 1 at epoch 20 (scaled with --epochs, never
 faster than one epoch; it ramps at every step), and a linear lr decay (here to 0.1 × lr).
 SBP (--method sbp; sparsevd+sbp puts SBP on SparseVD layers): batch 128, Adam with
 beta1 0.95, lr 1e-3 constant for half the epochs then linear towards 0, KL weight 1 from
-the start, from a trained dense network (--init-from). A validation split held out of the
-training data chooses the SparseVD pruning threshold; SBP keeps the units whose SNR > 1;
+the start, from a trained dense network (--init-from). Magnitude pruning (--method
+magnitude, the baseline): from a trained dense network, torch.nn.utils.prune's L1 masks on
+Zhu & Gupta's cubic schedule to --target-compression. A validation split held out of the
+training data chooses the SparseVD pruning threshold (the most compressed one within one
+standard error of the best validation error; --target-compression X: at most 1/X of the
+weights kept); SBP keeps the units whose SNR > 1;
 the test split gives the final number only. Every epoch writes a checkpoint to the output
 directory, and --resume continues from it. --init-from starts from a finished dense run
 instead of from scratch (SparseVD: θ from the dense weights, log σ² = --init-log-sigma2).
@@ -78,9 +85,21 @@ CUDA), --batch-size being the global batch:
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every flag's default: "(default: X)" after the
+    help of each flag whose default is a value and whose help does not say it already
+    (a default of None is filled in from others, which the help then says)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
                    help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe")
     p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
@@ -93,7 +112,7 @@ def build_parser():
                         f"package dataset-fashion-mnist in {data.FASHION_MNIST_DIR}")
     p.add_argument("--data-dir", help="a directory of MNIST-format IDX files (train-images-idx3-ubyte[.gz] ...); "
                                       "overrides --dataset")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (before --finetune-epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="default 100; with SBP 128 (the SBP authors')")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--lr-end", type=float, default=None,
@@ -143,9 +162,10 @@ def build_parser():
                    help="SBP layers: keep the units whose signal-to-noise ratio E[θ]/sd(θ) > SNR (default 1, the "
                         "authors')")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training data, held out")
-    p.add_argument("--train-size", type=int, help="train on the first N training images only")
-    p.add_argument("--random-labels", action="store_true", help="shuffle the training labels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, help="train on the first N training images only (default: all)")
+    p.add_argument("--random-labels", action="store_true", help="shuffle the training labels (default: not)")
+    p.add_argument("--seed", type=int, default=0, help="of the initialisation, the batches and the noise (the "
+                                                       "splits are fixed whatever the seed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output directory (default runs/<model>-<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

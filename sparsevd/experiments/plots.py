@@ -199,6 +199,32 @@ def threshold(curve, chosen, path):
     fig.savefig(path, dpi=90)
 
 
+#: Labels closer than this (as fractions of the axes, x on its log scale) to one already
+#: placed are left out: at 7 points a one-digit label is about 2% of the axes wide.
+LABEL_GAP = (0.07, 0.06)
+
+
+def _labelled(points, chosen):
+    """The points of the trade-off plot that get their threshold as a label: the chosen
+    one, then the whole-number thresholds from the highest down, each only where it stays
+    clear of the labels before it (they crowd where the curve is steep or flat)."""
+    if not points:
+        return []
+    xs = [math.log(p["compression"]) for p in points]
+    ys = [p["val_error"] for p in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    at = {id(p): ((x - min(xs)) / x_span, (y - min(ys)) / y_span) for p, x, y in zip(points, xs, ys)}
+    candidates = [p for p in points if p["threshold"] == chosen]
+    candidates += sorted((p for p in points if p["threshold"] == round(p["threshold"]) and p["threshold"] != chosen),
+                         key=lambda p: -p["threshold"])
+    placed = []
+    for p in candidates:
+        x, y = at[id(p)]
+        if all(abs(x - at[id(q)][0]) >= LABEL_GAP[0] or abs(y - at[id(q)][1]) >= LABEL_GAP[1] for q in placed):
+            placed.append(p)
+    return placed
+
+
 def tradeoff(curve, chosen, dense_error, path):
     """Validation error against compression, one point per threshold: what pruning more
     costs in accuracy."""
@@ -206,10 +232,9 @@ def tradeoff(curve, chosen, dense_error, path):
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
     ax.plot([p["compression"] for p in finite], [p["val_error"] for p in finite], marker=".", color="tab:blue")
-    for p in finite:
-        if p["threshold"] == round(p["threshold"]):
-            ax.annotate(f"{p['threshold']:g}", (p["compression"], p["val_error"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+    for p in _labelled(finite, chosen):
+        ax.annotate(f"{p['threshold']:g}", (p["compression"], p["val_error"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
     marked = [p for p in finite if p["threshold"] == chosen]
     if marked:
         ax.plot([marked[0]["compression"]], [marked[0]["val_error"]], marker="*", markersize=12, color="black",

@@ -85,6 +85,7 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
         "threshold_chosen": sparse_vd and c.threshold == "auto",
         "threshold_rule": selection.get("rule"),  # not in the fine-tuning of checkpoints from before it was
         "seed": c.seed,
+        "target_compression": c.target_compression,
         "pruning": measure.recipe(c).get("pruning"),
         "sbp_threshold": c.sbp_threshold,
         "test_error": error_rate(model, data["test_x"], data["test_y"]),
