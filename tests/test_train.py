@@ -241,6 +241,25 @@ def test_table_row_is_the_papers_format():
     assert render.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
 
 
+def test_tradeoff_labels_do_not_overlap(tmp_path):
+    """The issue's curve: below log α < 2 the compression barely grows and the error not
+    at all, so the whole-number labels fell on one another ("1" and "0" read as "10")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curve = [{"threshold": t, "compression": 17 + 240 / (1 + math.exp(2 * (t - 3))),
+              "val_error": 11.0 + 0.4 / (1 + math.exp(3 * (t - 1)))} for t in thresholds.THRESHOLDS]
+    fig = plots.tradeoff(curve, 1.5, 10.4, tmp_path / "tradeoff.png")
+    assert _is_png(tmp_path / "tradeoff.png")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = fig.axes[0].texts
+    boxes = [t.get_window_extent(canvas.get_renderer()) for t in texts]
+    assert len(texts) >= 4 and "1.5" in [t.get_text() for t in texts]  # the chosen threshold is always labelled
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+
+
 # ------------------------------------------------------------------ training runs
 
 

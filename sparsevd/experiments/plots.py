@@ -227,7 +227,7 @@ def _labelled(points, chosen):
 
 def tradeoff(curve, chosen, dense_error, path):
     """Validation error against compression, one point per threshold: what pruning more
-    costs in accuracy."""
+    costs in accuracy (the labels: :func:`_labelled`); returns the figure."""
     finite = [p for p in curve if math.isfinite(p["compression"])]
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
@@ -248,6 +248,7 @@ def tradeoff(curve, chosen, dense_error, path):
     if marked or dense_error is not None:
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
+    return fig
 
 
 def plot_run(out, history, snapshots, model=None, curve=None, chosen=None, dense_error=None):
