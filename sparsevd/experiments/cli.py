@@ -1,8 +1,10 @@
 """The training command, ``sparsevd-train`` / ``python -m sparsevd.train``: flags in
-:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, several processes in
-:mod:`.distributed`, checkpoints in :mod:`.checkpoints`, the threshold in :mod:`.thresholds`,
-the report in :mod:`.results` (:mod:`.measure`, :mod:`.render`, :mod:`.plots`). Two phases: the training epochs, then (--finetune-epochs) the fine-tuning
-with the masks fixed."""
+:mod:`.config`, data in :mod:`.data`, the loop in :mod:`.loop`, magnitude pruning in
+:mod:`.magnitude`, several processes in :mod:`.distributed`, checkpoints in
+:mod:`.checkpoints`, the threshold in :mod:`.thresholds`, the report in :mod:`.results`
+(:mod:`.measure`, :mod:`.render`, :mod:`.plots`). Two phases: the training epochs, then
+(--finetune-epochs) the fine-tuning with the masks fixed. A mistake in the command (see
+:data:`MISTAKES`) ends in one line, ``sparsevd-train: error: ...``, exit status 2."""
 
 from __future__ import annotations
 
@@ -281,9 +283,9 @@ def train_epochs(run, epochs, loss_fn, warmup):
 
 
 def start_finetune(run):
-    """Fix the masks at the threshold chosen on the validation split (or --threshold),
-    measure the network as it is, and set up the fine-tuning; checkpointed, so that a
-    resumed run fine-tunes the same masks."""
+    """Fix the masks at the threshold chosen on the validation split (or --threshold;
+    magnitude pruning's where its schedule left them), measure the network as it is, and
+    set up the fine-tuning; checkpointed, so that a resumed run fine-tunes the same masks."""
     c = run.c
     run.save(BEFORE_FINETUNE)  # before the threshold's choice draws from the random state
     selection = thresholds.select_threshold(c, run.model, run.data, run.world)
@@ -363,8 +365,8 @@ def _run(c, saved, world, device):
         else:
             state.setup()
             log.info(f"command: {saved['command']}")
-            log.info(f"{NETWORK_NAMES[c.model]} {METHOD_NAMES[c.method]} on {data_name}: {len(data['train_y'])} train / "
-                     f"{len(data['val_y'])} validation / {len(data['test_y'])} test images"
+            log.info(f"{NETWORK_NAMES[c.model]} {METHOD_NAMES[c.method]} on {data_name}: {len(data['train_y'])} "
+                     f"train / {len(data['val_y'])} validation / {len(data['test_y'])} test images"
                      + (" (random training labels)" if c.random_labels else "") + f"; device {device}"
                      + (f"; {world.size} processes ({distributed.backend_name(world)}, "
                         f"{render.plural(torch.get_num_threads(), 'thread')} each), batch "

@@ -138,7 +138,8 @@ def matches(rows):
         if not rivals:
             continue
         rival = min(rivals, key=lambda r: abs(math.log(r["compression"] / row["compression"])))
-        if max(rival["compression"], row["compression"]) <= MATCH_FACTOR * min(rival["compression"], row["compression"]):
+        low, high = sorted((rival["compression"], row["compression"]))
+        if high <= MATCH_FACTOR * low:
             pairs.append((row, rival))
     return pairs
 
@@ -179,7 +180,8 @@ def markdown(rows, commands=()):
                   "\\|W\\|/\\|W≠0\\| | test error % | difference (points) |", "|---|---|---|---|---|---|---|---|---|"]
         for row, rival in pairs:
             lines.append(f"| {row['network']} | {row['dataset']} | {row['epochs']} | "
-                         f"{METHOD_NAMES[row['method']]} ({row['setting']}, {row['start']}) | {_compression_text(row)} | "
+                         f"{METHOD_NAMES[row['method']]} ({row['setting']}, {row['start']}) | "
+                         f"{_compression_text(row)} | "
                          f"{_error_text(row)} | {_compression_text(rival)} | {_error_text(rival)} | "
                          f"{rival['test_error'] - row['test_error']:+.2f} |")
     lines += ["", "Runs:", ""] + [f"- `{r}`" for row in rows for r in row["runs"]]

@@ -28,9 +28,9 @@ def recipe_text(r):
 def pruning_text(p):
     """Magnitude pruning's schedule (:func:`.measure.recipe`'s ``pruning``), as a phrase."""
     scope = "over all layers together" if p["scope"] == "global" else "the same share of each layer"
-    return (f"magnitude pruning ({p['scope']}: the smallest |w| {scope}) to {p['target_compression']:g}× on Zhu & "
-            f"Gupta's cubic schedule from epoch 0 to {p['end_epoch']:.3g}, every {plural(p['every'], 'step')}, then the "
-            "mask fixed")
+    return (f"magnitude pruning ({p['scope']}: the smallest |w| {scope}) to {p['target_compression']:g}× on Zhu "
+            f"& Gupta's cubic schedule from epoch 0 to {p['end_epoch']:.3g}, every {plural(p['every'], 'step')}, then "
+            "the mask fixed")
 
 
 def _method(s):
@@ -165,11 +165,11 @@ def results_markdown(s, rep, dense=None):
     if tuned:
         before, after = tuned["before"], tuned["after"]
         how = "on the data term" if s.get("pruning") else \
-            f"on the data term alone (no KL), {'with' if tuned['noise'] else 'without'} the noise of the kept weights " \
-            "and units"
-        lines += ["", f"Fine-tuning: {plural(tuned['epochs'], 'epoch')} with the masks fixed at {_kept_where(s)}, {how}, "
-                      f"Adam from lr {tuned['lr']:g} decaying linearly; the pruned weights and units stayed exactly "
-                      "zero.",
+            f"on the data term alone (no KL), {'with' if tuned['noise'] else 'without'} the noise of the kept " \
+            "weights and units"
+        lines += ["", f"Fine-tuning: {plural(tuned['epochs'], 'epoch')} with the masks fixed at {_kept_where(s)}, "
+                      f"{how}, Adam from lr {tuned['lr']:g} decaying linearly; the pruned weights and units stayed "
+                      "exactly zero.",
                   "", "| | test error % | validation error % | train error % | \\|W\\|/\\|W≠0\\| |",
                   "|---|---|---|---|---|"]
         lines += [f"| {name} fine-tuning | {m['test_error']:.2f} | {m['val_error']:.2f} | {m['train_error']:.2f} | "
