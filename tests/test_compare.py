@@ -15,6 +15,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _run(root, name, method, test_error, compression, seed=0, network="LeNet-300-100", **extra):
     """A run directory holding the summary.json fields the comparison reads."""
     summary = {"network": network, "model": "lenet300", "method": method, "dataset": "Fashion-MNIST",
+               "sizes": {"train": 54000, "val": 6000, "test": 10000},
                "test_error": test_error, "compression": compression, "seed": seed, "epochs": 30 if method == "dense"
                else 60, "recipe": {"init_from": None if method == "dense" else "runs/dense"}, "threshold": None,
                "threshold_chosen": False, "sbp_threshold": None, "target_compression": None,
@@ -63,10 +64,10 @@ def test_runs_are_grouped_and_their_seeds_averaged(runs, tmp_path):
     assert pairs == [("auto", "target 40× (global)"), ("target 100×", "target 100× (global)")]
 
     text = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| LeNet-300-100 | Fashion-MNIST | SparseVD | from dense | 60 + 15 | auto | 0, 1, 2 | 39.9 (36.0–44.0) | " \
-           "10.50 ± 0.10 | +0.50 |" in text
-    assert "| LeNet-300-100 | Fashion-MNIST | 60 + 15 | SparseVD (auto, from dense) | 39.9 (36.0–44.0) | 10.50 ± 0.10 " \
-           "| 40.0 (40.0–40.0) | 11.10 ± 0.10 | +0.60 |" in text
+    assert "| LeNet-300-100 | Fashion-MNIST, 54,000 train | SparseVD | from dense | 60 + 15 | auto | 0, 1, 2 | " \
+           "39.9 (36.0–44.0) | 10.50 ± 0.10 | +0.50 |" in text
+    assert "| LeNet-300-100 | Fashion-MNIST, 54,000 train | 60 + 15 | SparseVD (auto, from dense) | " \
+           "39.9 (36.0–44.0) | 10.50 ± 0.10 | 40.0 (40.0–40.0) | 11.10 ± 0.10 | +0.60 |" in text
     assert "| 98.0 | 11.60 | 100.0 (100.0–100.0) | 13.50 ± 0.50 | +1.90 |" in text
     with open(tmp_path / "out" / "comparison.png", "rb") as f:
         assert f.read(8) == PNG_MAGIC
@@ -99,6 +100,7 @@ def test_mistakes_are_one_line_errors(tmp_path, capsys, runs):
     for argv, message in [([str(tmp_path / "unfinished"), "--out", str(tmp_path / "o")], "no summary.json"),
                           ([str(tmp_path / "broken"), "--out", str(tmp_path / "o")], "cannot read it"),
                           ([runs[0], "--out", str(tmp_path / "a-file")], "is a file"),
+                          ([str(tmp_path / "a-file"), "--out", str(tmp_path / "o")], "is not a directory"),
                           ([runs[0]], "the following arguments are required: --out")]:
         with pytest.raises(SystemExit) as exit_info:
             compare.main(argv)

@@ -23,6 +23,7 @@ import sys
 from matplotlib.figure import Figure
 
 from .models import METHOD_NAMES
+from .plots import compression_axis
 
 #: Two compressions match when they differ by at most this factor.
 MATCH_FACTOR = 1.25
@@ -36,6 +37,8 @@ class CompareError(ValueError):
 
 def read_run(run_dir):
     """The summary.json of the finished run in ``run_dir``."""
+    if not os.path.isdir(run_dir):
+        raise CompareError(f"{run_dir} is not a directory (the --out of a training run)")
     path = os.path.join(run_dir, "summary.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -92,21 +95,28 @@ def budget(s):
     return f"{s['epochs']} + {tuned}" if tuned else str(s["epochs"])
 
 
+def data(s):
+    """The data set and its training images: runs on a subset are not averaged with full ones."""
+    train = (s.get("sizes") or {}).get("train")
+    return f"{s['dataset']}, {train:,} train" if train else s["dataset"]
+
+
 def group(summaries):
     """The runs grouped by network, data set, method, start, budget and setting, the seeds
     of each averaged: a list of dicts, sorted by network, method and compression."""
     groups = {}
     for s in summaries:
-        key = (s["network"], s["dataset"], s["method"], start(s), budget(s), setting(s))
+        key = (s["network"], data(s), s["method"], start(s), budget(s), setting(s))
         groups.setdefault(key, []).append(s)
     rows = []
     for (network, dataset, method, begin, epochs, how), runs in groups.items():
+        scope = (runs[0].get("pruning") or {}).get("scope")
         errors = [r["test_error"] for r in runs]
         compressions = [r["compression"] for r in runs]
         finite = [c for c in compressions if math.isfinite(c)]
         rows.append({
             "network": network, "dataset": dataset, "method": method, "start": begin, "epochs": epochs,
-            "setting": how, "seeds": sorted(seed(r) for r in runs), "runs": [r["run"] for r in runs],
+            "setting": how, "scope": scope, "seeds": sorted(seed(r) for r in runs), "runs": [r["run"] for r in runs],
             "test_error": statistics.fmean(errors),
             "test_error_sd": statistics.stdev(errors) if len(errors) > 1 else 0.0,
             "test_error_range": [min(errors), max(errors)],
@@ -203,23 +213,23 @@ def plot(rows, path):
         series = {}
         for r in here:
             if r["method"] != "dense" and math.isfinite(r["compression"]):
-                series.setdefault((r["method"], r["start"], r["epochs"]), []).append(r)
-        for (method, begin, epochs), points in series.items():
+                series.setdefault((r["method"], r["start"], r["epochs"], r["scope"]), []).append(r)
+        for (method, begin, epochs, scope), points in series.items():
             points.sort(key=lambda r: r["compression"])
             xs = [r["compression"] for r in points]
             # the geometric mean lies within the range, up to rounding
             xerr = [[max(x - r["compression_range"][0], 0) for x, r in zip(xs, points)],
                     [max(min(r["compression_range"][1], 1e12) - x, 0) for x, r in zip(xs, points)]]
             ax.errorbar(xs, [r["test_error"] for r in points], yerr=[r["test_error_sd"] for r in points], xerr=xerr,
-                        marker="o", markersize=4, capsize=2, label=f"{METHOD_NAMES[method]}, {begin}, {epochs} epochs")
+                        marker="o", markersize=4, capsize=2,
+                        label=f"{METHOD_NAMES[method]}{f' ({scope})' if scope else ''}, {begin}, {epochs} epochs")
         for r in here:
             if r["method"] == "dense":
                 ax.axhline(r["test_error"], color="tab:gray", linestyle="--", label=f"dense {r['test_error']:.2f}%")
                 if r["test_error_sd"]:
                     ax.axhspan(r["test_error"] - r["test_error_sd"], r["test_error"] + r["test_error_sd"],
                                color="tab:gray", alpha=0.15, lw=0)
-        ax.set_xscale("log")
-        ax.set_xlabel("compression |W| / |W≠0| (log scale)")
+        compression_axis(ax, [1.0] + [r["compression"] for r in here], which="x", color="black", log=True)
         ax.set_ylabel("test error %")
         ax.set_title(f"{network}, {dataset}", fontsize=10)
         ax.grid(alpha=0.3, which="both")

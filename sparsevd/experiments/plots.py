@@ -64,17 +64,18 @@ def _times(v):
     return f"{v:,.0f}×" if v >= 100 else f"{v:.3g}×"
 
 
-def _compression_axis(ax, values, which="y", color="tab:green"):
+def compression_axis(ax, values, which="y", color="tab:green", log=None):
     """Compression on the ``which`` axis, labelled 1×, 2×, 5×, 10×, ...: log scale when
-    the values span more than 3×, with the minor ticks labelled when they span less than a decade."""
+    the values span more than 3× (or ``log``), with the minor ticks labelled when they
+    span less than a decade."""
     axis = getattr(ax, f"{which}axis")
-    axis.set_label_text("compression |W| / |W≠0|", color=color)
+    axis.set_label_text("compression |W| / |W≠0|" + (" (log scale)" if log else ""), color=color)
     values = [v for v in values if math.isfinite(v)]  # inf: everything pruned, not drawn
     if not values:
         return
     lo, hi = min(values), max(values)
     times = FuncFormatter(lambda v, _: _times(v))
-    if hi < 3 * lo:
+    if not (log or (log is None and hi >= 3 * lo)):
         axis.set_major_formatter(times)
         return
     getattr(ax, f"set_{which}scale")("log")
@@ -170,7 +171,7 @@ def training(history, path):
         ax = axes[2]
         compression = [h["total"] / max(h["kept"], 1) for h in history]
         ax.plot(epochs, compression, color="tab:green")
-        _compression_axis(ax, compression)
+        compression_axis(ax, compression)
         if history[-1].get("threshold"):  # not in the history of checkpoints from before it was recorded
             ax.set_title(f"kept: log α < {history[-1]['threshold']}", fontsize=9)
         twin = ax.twinx()
@@ -193,7 +194,7 @@ def threshold(curve, chosen, path):
     twin = ax.twinx()
     compression = [p["compression"] for p in curve]
     twin.plot(ts, compression, color="tab:green")
-    _compression_axis(twin, compression)
+    compression_axis(twin, compression)
     ax.axvline(chosen, color="black", linestyle="--", label=f"chosen {chosen:g}")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
@@ -241,7 +242,7 @@ def tradeoff(curve, chosen, dense_error, path):
                 linestyle="none", label=f"chosen: log α < {chosen:g}")
     if dense_error is not None:
         ax.axhline(dense_error, color="tab:gray", linestyle="--", label=f"dense network {dense_error:.2f}%")
-    _compression_axis(ax, [p["compression"] for p in finite], which="x", color="black")
+    compression_axis(ax, [p["compression"] for p in finite], which="x", color="black")
     ax.set_title("labels: the threshold t on log α (kept where log α < t)", fontsize=9)
     ax.set_ylabel("validation error %")
     ax.grid(alpha=0.3, which="both")
