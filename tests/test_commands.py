@@ -2,6 +2,7 @@
 in none of the experiment code, and ``python -m sparsevd.train`` / ``python -m
 sparsevd.demo`` work from any folder, or say clearly why not."""
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -63,3 +64,26 @@ def test_console_scripts_work_next_to_a_folder_named_sparsevd(tmp_path, script):
     (tmp_path / "sparsevd").mkdir()
     result = subprocess.run([path, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and f"usage: {script}" in result.stdout, result.stderr
+
+
+def test_every_flag_of_the_training_command_shows_its_default():
+    from sparsevd.experiments import config
+
+    parser = config.build_parser()
+    text = parser.format_help()
+    assert "training epochs (before --finetune-epochs) (default: 200)" in " ".join(text.split())
+    formatter = config.HelpFormatter("sparsevd-train")
+    for action in parser._actions:
+        if not action.option_strings or action.default is argparse.SUPPRESS:
+            continue  # --help
+        shown = formatter._get_help_string(action)
+        # a value default is shown; None (filled in from other flags) and store_true are said in words
+        assert action.help and ("default" in shown or action.default is None or action.default is False), action.dest
+
+
+def test_the_demo_and_compare_commands_explain_their_flags(tmp_path):
+    demo = _python(["-m", "sparsevd.demo", "--help"], tmp_path)
+    assert demo.returncode == 0 and "training epochs of each network (default: 40)" in demo.stdout
+    assert "(default: 0)" in demo.stdout
+    result = _python(["-m", "sparsevd.compare", "--help"], tmp_path)
+    assert result.returncode == 0 and "usage: sparsevd-compare" in result.stdout and "RUN_DIR" in result.stdout

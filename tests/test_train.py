@@ -15,7 +15,7 @@ import torch
 import sparsevd
 from torch import nn
 
-from sparsevd.experiments import checkpoints, cli, config, loop, models, plots, results
+from sparsevd.experiments import checkpoints, cli, config, loop, measure, models, plots, render, results, thresholds
 from sparsevd.experiments import data as datasets
 from sparsevd.experiments.models import lenet_300_100, lenet5_caffe, mlp_500_300
 
@@ -157,6 +157,23 @@ def test_models_have_the_papers_shapes():
     (["--kl-weight", "-1"], "--kl-weight must be a finite number ≥ 0"),
     (["--kl-weight", "inf"], "--kl-weight must be a finite number ≥ 0"),
     (["--kl-weight", "0.5", "--method", "dense"], "use it with --method sparsevd, sbp or sparsevd+sbp"),
+    (["--target-compression", "1"], "--target-compression must be a finite number > 1"),
+    (["--target-compression", "40", "--threshold", "3"], "give it or --threshold, not both"),
+    (["--target-compression", "40", "--threshold-tolerance", "0.1"], "two rules for the threshold: give one"),
+    (["--target-compression", "40", "--method", "sbp"], "--method sbp has neither"),
+    (["--threshold", "3", "--threshold-tolerance", "0.5"], "--threshold-tolerance applies to --threshold auto"),
+    (["--threshold-tolerance", "-1"], "--threshold-tolerance must be a finite number ≥ 0"),
+    (["--method", "magnitude", "--target-compression", "40"], "--method magnitude prunes a trained dense network"),
+    (["--method", "magnitude", "--init-from", "x"], "--method magnitude needs --target-compression"),
+    (["--method", "magnitude", "--init-from", "x", "--target-compression", "9", "--prune-end", "300"],
+     "--prune-end must be an epoch in 0..200"),
+    (["--method", "magnitude", "--init-from", "x", "--target-compression", "9", "--prune-every", "0"],
+     "--prune-every must be ≥ 1"),
+    (["--method", "magnitude", "--init-from", "x", "--target-compression", "9", "--kl-weight", "2"],
+     "--kl-weight weighs the KL term, which --method magnitude has none of"),
+    (["--method", "magnitude", "--init-from", "x", "--target-compression", "9", "--finetune-epochs", "2",
+      "--finetune-noise"], "--finetune-noise samples the noise of Bayesian layers"),
+    (["--prune-scope", "layer"], "--prune-scope sets the magnitude pruning: use it with --method magnitude"),
     (["--method", "svd"], "invalid choice"),
     (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1)"),
     (["--lr-decay-start", "5", "--epochs", "5"], "--lr-decay-start must be an epoch in 0..4"),
@@ -175,23 +192,72 @@ def test_bad_flags_are_reported(tmp_path, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+def _curve(points):
+    return [{"threshold": t, "val_error": e, "compression": c} for t, e, c in points]
+
+
 def test_choose_threshold_takes_the_most_compressed_within_tolerance():
-    curve = [{"threshold": t, "val_error": e, "compression": c}
-             for t, e, c in [(-1, 9.0, 90), (0, 2.1, 40), (1, 2.0, 20), (3, 2.0, 10), (5, 2.05, 5)]]
-    assert results.choose_threshold(curve, 0.1) == 0
-    assert results.choose_threshold(curve, 0.0) == 1
+    curve = _curve([(-1, 9.0, 90), (0, 2.1, 40), (1, 2.0, 20), (3, 2.0, 10), (5, 2.05, 5)])
+    assert thresholds.choose_threshold(curve, 1000, 0.1)[0] == 0
+    assert thresholds.choose_threshold(curve, 1000, 0.0)[0] == 1
+
+
+def test_the_default_rule_takes_the_most_compressed_threshold_within_one_standard_error():
+    # the issue's flat curve: 11.03% → 11.23% from 23× to 60× on 6,000 validation images
+    # (SE 0.40 points), steep beyond
+    flat = _curve([(-1, 14.0, 120), (0, 11.5, 75), (0.5, 11.23, 60), (1, 11.1, 40), (2, 11.03, 23), (3, 11.05, 17)])
+    threshold, rule = thresholds.choose_threshold(flat, 6000)
+    assert threshold == 0.5 and "one standard error (0.40 points" in rule and "n = 6,000" in rule
+    assert thresholds.standard_error(11.03, 6000) == pytest.approx(100 * math.sqrt(0.1103 * 0.8897 / 6000))
+    # the same curve measured on 600 images: its SE (1.28 points) takes in 11.5% too
+    assert thresholds.choose_threshold(flat, 600)[0] == 0
+    # steep: every step costs more than a standard error, so the best stays
+    steep = _curve([(0, 9.0, 60), (1, 6.0, 30), (2, 4.0, 20), (3, 3.0, 10), (4, 3.5, 5)])
+    assert thresholds.choose_threshold(steep, 10000)[0] == 3
+    # a perfect best (p = 0, no spread): nothing else is within it
+    assert thresholds.choose_threshold(_curve([(0, 0.5, 50), (1, 0.0, 20)]), 1000)[0] == 1
+
+
+def test_target_compression_keeps_at_most_one_in_x_and_warns_when_out_of_reach():
+    curve = _curve([(-2, 30.0, 150), (-1, 20.0, 90), (0, 12.0, 41), (1, 11.0, 39.9), (3, 11.0, 10)])
+    assert thresholds.threshold_for_compression(curve, 40)[:1] == (0,)  # 41× ≥ 40×; 39.9× is not
+    assert thresholds.threshold_for_compression(curve, 10)[0] == 3  # the largest threshold that reaches it
+    threshold, rule, warning = thresholds.threshold_for_compression(curve, 30)
+    assert threshold == 1 and warning is None and "at most 1/30 of the weights" in rule
+    threshold, rule, warning = thresholds.threshold_for_compression(curve, 200)
+    assert threshold == -2 and "not reached" in rule
+    assert warning.startswith("warning: --target-compression 200: no threshold") and "keeps 1/150.0" in warning
 
 
 def test_table_row_is_the_papers_format():
     summary = {"network": "LeNet-300-100", "method": "sparsevd", "random_labels": False, "test_error": 1.9234,
                "layers": [{"sparsity": 0.989}, {"sparsity": 0.972}, {"sparsity": 0.62}], "compression": 68.2,
                "threshold": 2.5}
-    assert results.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 | log α < 2.5 |"
+    assert render.table_row(summary) == "| LeNet-300-100 | SparseVD | 1.92 | 98.9 − 97.2 − 62.0 | 68 | log α < 2.5 |"
     summary.update(random_labels=True, layers=[{"sparsity": 1.0}], compression=float("inf"))
-    assert results.table_row(summary) == (
+    assert render.table_row(summary) == (
         "| LeNet-300-100 | SparseVD, random labels | 1.92 | 100.0 | ∞ (all pruned) | log α < 2.5 |")
     summary.update(method="dense", random_labels=False, layers=[], compression=1.0, threshold=None)
-    assert results.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
+    assert render.table_row(summary) == "| LeNet-300-100 | dense | 1.92 | – | 1 | – |"
+
+
+def test_tradeoff_labels_do_not_overlap(tmp_path):
+    """The issue's curve: below log α < 2 the compression barely grows and the error not
+    at all, so the whole-number labels fell on one another ("1" and "0" read as "10")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    curve = [{"threshold": t, "compression": 17 + 240 / (1 + math.exp(2 * (t - 3))),
+              "val_error": 11.0 + 0.4 / (1 + math.exp(3 * (t - 1)))} for t in thresholds.THRESHOLDS]
+    fig = plots.tradeoff(curve, 1.5, 10.4, tmp_path / "tradeoff.png")
+    assert _is_png(tmp_path / "tradeoff.png")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    texts = fig.axes[0].texts
+    boxes = [t.get_window_extent(canvas.get_renderer()) for t in texts]
+    assert len(texts) >= 4 and "1.5" in [t.get_text() for t in texts]  # the chosen threshold is always labelled
+    for i, a in enumerate(boxes):
+        for j in range(i):
+            assert not a.overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
 
 
 # ------------------------------------------------------------------ training runs
@@ -209,7 +275,7 @@ def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
     assert summary["compression"] > 3, summary["compression"]
     assert summary["sizes"] == {"train": 1200, "val": 400, "test": 1000}
     curve = json.loads((out / "summary.json").read_text())["threshold_curve"]
-    assert [p["threshold"] for p in curve] == results.THRESHOLDS and summary["threshold"] in results.THRESHOLDS
+    assert [p["threshold"] for p in curve] == thresholds.THRESHOLDS and summary["threshold"] in thresholds.THRESHOLDS
     text = (out / "results.md").read_text()
     assert "| LeNet-300-100 | dense |" in text and "| LeNet-300-100 | SparseVD |" in text
     assert f"{summary['test_error']:.2f}" in text and "sparsify()'d" in text and "mutual information" in text
@@ -226,7 +292,12 @@ def test_short_run_learns_prunes_and_writes_report_and_plots(tmp_path):
     assert [(t["device"], t["batch"]) for t in summary["timings"]] == [("cpu", 1), ("cpu", 64), ("cpu", 256)]
     assert all(t["speedup"] == t["dense_network_s"] / t["sparsified_s"] for t in summary["timings"])
     log = (out / "train.log").read_text()
-    assert "epoch   6/6" in log and "at log α < 3  KL weight 1.00" in log
+    assert "epoch   6/6" in log and "at log α < 3 (training threshold)  KL weight 1.00" in log
+    # the log names the threshold the results count at, after the epoch lines at the training one
+    assert f"threshold: log α < {summary['threshold']:g} ({summary['compression']:.1f}×" in log
+    assert "within one standard error" in log and "at the layers' training threshold, log α < 3)" in log
+    assert summary["threshold_rule"].startswith("the most compressed threshold whose validation error is within one")
+    assert f"(chosen on the validation split: {summary['threshold_rule']})" in text
     assert summary["plots"] == ["weights.png", "training.png", "log_alpha.png", "threshold.png", "tradeoff.png"]
     for name in summary["plots"]:
         assert _is_png(out / name), name
@@ -370,8 +441,9 @@ def test_bad_checkpoints_are_reported_not_loaded(tmp_path, monkeypatch, no_finis
     with pytest.raises(checkpoints.CheckpointError, match="is not a sparsevd.train checkpoint"):
         cli.run(flags + ["--resume"])
     path.write_bytes(b"garbage")
-    with pytest.raises(SystemExit, match="corrupt or not a checkpoint"):
+    with pytest.raises(SystemExit) as exit_info:  # a mistake in the command: one line, exit status 2
         cli.main(flags + ["--resume"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.filterwarnings("ignore:convert. with log_sigma2_init")  # -9 prunes a few of the tiny net's weights
@@ -585,7 +657,7 @@ def test_every_method_and_network_trains_and_sparsifies_to_its_eval_output(name,
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     stats = loop.train_epoch(model, optimizer, loop.make_loss(model, 100), x, y, batch_size=6)
     assert math.isfinite(stats.loss)
-    if method != "dense":  # the SGVLB: the KL of every SparseVD and SBP layer, over N
+    if any(models.METHODS[method]):  # the SGVLB: the KL of every SparseVD and SBP layer, over N
         model.train()
         torch.manual_seed(1)
         with_kl = loop.make_loss(model, 100)(model(x), y, 1.0)
@@ -616,7 +688,7 @@ def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
     torch.testing.assert_close(fast(x), lenet5(x), rtol=1e-4, atol=1e-5)
     assert [tuple(m.weight.shape) for m in fast if isinstance(m, (nn.Linear, nn.Conv2d))] == [
         (3, 1, 5, 5), (18, 3, 5, 5), (283, 288), (10, 283)]
-    rows, rep = results.structure(lenet5, (1, 28, 28))
+    rows, rep = measure.structure(lenet5, (1, 28, 28))
     assert [(r["units"], r["units_total"]) for r in rows] == [(3, 20), (18, 50), (288, 800), (283, 500)]
     assert [r["kept"] for r in rows] == [75, 18 * 3 * 25, 283 * 288, 10 * 283]
     assert sparsevd.compression(lenet5) == (sum(r["kept"] for r in rows), 430500)
@@ -628,7 +700,7 @@ def test_sparsify_of_an_sbp_model_equals_eval_and_cuts_the_pruned_units():
     mlp = _prune_units(models.build("mlp500", "sparsevd+sbp"), [245, 160, 55]).eval()
     fast = sparsevd.sparsify(mlp)
     torch.testing.assert_close(fast(x), mlp(x), rtol=1e-4, atol=1e-5)
-    rows, _ = results.structure(mlp, (1, 28, 28))
+    rows, _ = measure.structure(mlp, (1, 28, 28))
     assert [(r["units"], r["units_total"]) for r in rows] == [(245, 784), (160, 500), (55, 300)]
     dense_flops, unit_flops = (sum(r[k] for r in rows) for k in ("flops_dense", "flops_units"))
     assert dense_flops / unit_flops == pytest.approx(11.23, abs=0.01)  # the SBP paper's FLOPs for these units
@@ -717,7 +789,7 @@ def test_sbp_defaults_are_the_authors_recipe_and_the_lr_decays_from_half_way(tmp
     assert len(sbp_group["params"]) == 6 and sbp_group["initial_lr"] == 0.02 and net_group["initial_lr"] == 1e-3
     saved = torch.load(tmp_path / "fast" / checkpoints.CHECKPOINT, weights_only=True)["config"]
     assert saved["sbp_lr"] == 0.02
-    text = results.recipe_text(results.recipe(argparse.Namespace(**saved)))
+    text = render.recipe_text(measure.recipe(argparse.Namespace(**saved)))
     assert "(SBP's μ and log σ: lr 0.02, on the same schedule)" in text
 
 

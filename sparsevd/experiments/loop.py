@@ -106,14 +106,15 @@ def step(model, optimizer, loss_fn, x, y, warmup, share=1.0):
 
 
 def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=None, bar=None, order=None,
-                world=SINGLE):
+                world=SINGLE, on_step=None):
     """Epoch ``epoch`` (0-based) of shuffled mini-batches: the global batches of ``order``
     (a permutation of the examples; default: from torch's global generator), each split
     across the processes of ``world`` (:meth:`.distributed.World.batches`; ``model`` then
     is the DistributedDataParallel wrapper). ``warmup``: a :class:`sparsevd.KLWarmup`,
     evaluated at every step at the fractional epoch, so the KL weight ramps smoothly
-    (None: always 1). ``bar``: a tqdm bar advanced per batch. Returns :class:`EpochStats`,
-    summed over the ranks.
+    (None: always 1). ``bar``: a tqdm bar advanced per batch. ``on_step``: called after
+    each optimizer step with the number of the epoch's steps done (magnitude pruning's
+    schedule). Returns :class:`EpochStats`, summed over the ranks.
     """
     model.train()
     if order is None:
@@ -126,6 +127,8 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
     for i, (idx, share) in enumerate(batches):
         factor = warmup(epoch + i / len(batches)) if warmup is not None else 1.0
         loss, right = step(model, optimizer, loss_fn, x[idx], y[idx], factor, share)
+        if on_step is not None:
+            on_step(i + 1)
         total_loss += loss * len(idx)
         correct += right
         seen += len(idx)
@@ -171,9 +174,11 @@ def threshold_of(model):
     return "/".join(f"{t:g}" for t in values)
 
 
-def kept_where(model):
-    """What the model keeps, as text: "log α < 3", "SNR > 1" or both."""
-    parts = [f"log α < {threshold_of(model)}"] if sparsevd.sparsevd_modules(model) else []
+def kept_where(model, which=""):
+    """What the model keeps, as text: "log α < 3", "SNR > 1" or both; ``which`` names the
+    SparseVD threshold ("log α < 3 (training threshold)")."""
+    parts = [f"log α < {threshold_of(model)}" + (f" ({which})" if which else "")] \
+        if sparsevd.sparsevd_modules(model) else []
     values = sorted({m.threshold for _, m in sparsevd.sbp_modules(model)})
     if values:
         parts.append("SNR > " + "/".join(f"{t:g}" for t in values))

@@ -24,8 +24,10 @@ from torch import nn
 
 from sparsevd import SBPDropout, SparseVDConv2d, SparseVDLinear
 
-#: --method: (SparseVD layers?, SBP layers?)
-METHODS = {"dense": (False, False), "sparsevd": (True, False), "sbp": (False, True), "sparsevd+sbp": (True, True)}
+#: --method: (SparseVD layers?, SBP layers?). Magnitude pruning trains the dense network
+#: (its masks are torch.nn.utils.prune's, see :mod:`.magnitude`).
+METHODS = {"dense": (False, False), "sparsevd": (True, False), "sbp": (False, True), "sparsevd+sbp": (True, True),
+           "magnitude": (False, False)}
 
 
 def lenet_300_100(bayesian=True):
@@ -80,4 +82,5 @@ def build(name, method, sbp_threshold=1.0):
 
 MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe}
 NETWORK_NAMES = {"lenet300": "LeNet-300-100", "mlp500": "MLP 784-500-300-10", "lenet5": "LeNet-5-Caffe"}
-METHOD_NAMES = {"dense": "dense", "sparsevd": "SparseVD", "sbp": "SBP", "sparsevd+sbp": "SparseVD + SBP"}
+METHOD_NAMES = {"dense": "dense", "sparsevd": "SparseVD", "sbp": "SBP", "sparsevd+sbp": "SparseVD + SBP",
+                "magnitude": "magnitude pruning"}

@@ -64,17 +64,18 @@ def _times(v):
     return f"{v:,.0f}×" if v >= 100 else f"{v:.3g}×"
 
 
-def _compression_axis(ax, values, which="y", color="tab:green"):
+def compression_axis(ax, values, which="y", color="tab:green", log=None):
     """Compression on the ``which`` axis, labelled 1×, 2×, 5×, 10×, ...: log scale when
-    the values span more than 3×, with the minor ticks labelled when they span less than a decade."""
+    the values span more than 3× (or ``log``), with the minor ticks labelled when they
+    span less than a decade."""
     axis = getattr(ax, f"{which}axis")
-    axis.set_label_text("compression |W| / |W≠0|", color=color)
+    axis.set_label_text("compression |W| / |W≠0|" + (" (log scale)" if log else ""), color=color)
     values = [v for v in values if math.isfinite(v)]  # inf: everything pruned, not drawn
     if not values:
         return
     lo, hi = min(values), max(values)
     times = FuncFormatter(lambda v, _: _times(v))
-    if hi < 3 * lo:
+    if not (log or (log is None and hi >= 3 * lo)):
         axis.set_major_formatter(times)
         return
     getattr(ax, f"set_{which}scale")("log")
@@ -170,7 +171,7 @@ def training(history, path):
         ax = axes[2]
         compression = [h["total"] / max(h["kept"], 1) for h in history]
         ax.plot(epochs, compression, color="tab:green")
-        _compression_axis(ax, compression)
+        compression_axis(ax, compression)
         if history[-1].get("threshold"):  # not in the history of checkpoints from before it was recorded
             ax.set_title(f"kept: log α < {history[-1]['threshold']}", fontsize=9)
         twin = ax.twinx()
@@ -193,36 +194,62 @@ def threshold(curve, chosen, path):
     twin = ax.twinx()
     compression = [p["compression"] for p in curve]
     twin.plot(ts, compression, color="tab:green")
-    _compression_axis(twin, compression)
+    compression_axis(twin, compression)
     ax.axvline(chosen, color="black", linestyle="--", label=f"chosen {chosen:g}")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
 
 
+#: Labels closer than this (as fractions of the axes, x on its log scale) to one already
+#: placed are left out: at 7 points a one-digit label is about 2% of the axes wide.
+LABEL_GAP = (0.07, 0.06)
+
+
+def _labelled(points, chosen):
+    """The points of the trade-off plot that get their threshold as a label: the chosen
+    one, then the whole-number thresholds from the highest down, each only where it stays
+    clear of the labels before it (they crowd where the curve is steep or flat)."""
+    if not points:
+        return []
+    xs = [math.log(p["compression"]) for p in points]
+    ys = [p["val_error"] for p in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    at = {id(p): ((x - min(xs)) / x_span, (y - min(ys)) / y_span) for p, x, y in zip(points, xs, ys)}
+    candidates = [p for p in points if p["threshold"] == chosen]
+    candidates += sorted((p for p in points if p["threshold"] == round(p["threshold"]) and p["threshold"] != chosen),
+                         key=lambda p: -p["threshold"])
+    placed = []
+    for p in candidates:
+        x, y = at[id(p)]
+        if all(abs(x - at[id(q)][0]) >= LABEL_GAP[0] or abs(y - at[id(q)][1]) >= LABEL_GAP[1] for q in placed):
+            placed.append(p)
+    return placed
+
+
 def tradeoff(curve, chosen, dense_error, path):
     """Validation error against compression, one point per threshold: what pruning more
-    costs in accuracy."""
+    costs in accuracy (the labels: :func:`_labelled`); returns the figure."""
     finite = [p for p in curve if math.isfinite(p["compression"])]
     fig = Figure(figsize=(6.5, 3.8), layout="constrained")
     ax = fig.subplots()
     ax.plot([p["compression"] for p in finite], [p["val_error"] for p in finite], marker=".", color="tab:blue")
-    for p in finite:
-        if p["threshold"] == round(p["threshold"]):
-            ax.annotate(f"{p['threshold']:g}", (p["compression"], p["val_error"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+    for p in _labelled(finite, chosen):
+        ax.annotate(f"{p['threshold']:g}", (p["compression"], p["val_error"]), fontsize=7,
+                    textcoords="offset points", xytext=(3, 3))
     marked = [p for p in finite if p["threshold"] == chosen]
     if marked:
         ax.plot([marked[0]["compression"]], [marked[0]["val_error"]], marker="*", markersize=12, color="black",
                 linestyle="none", label=f"chosen: log α < {chosen:g}")
     if dense_error is not None:
         ax.axhline(dense_error, color="tab:gray", linestyle="--", label=f"dense network {dense_error:.2f}%")
-    _compression_axis(ax, [p["compression"] for p in finite], which="x", color="black")
+    compression_axis(ax, [p["compression"] for p in finite], which="x", color="black")
     ax.set_title("labels: the threshold t on log α (kept where log α < t)", fontsize=9)
     ax.set_ylabel("validation error %")
     ax.grid(alpha=0.3, which="both")
     if marked or dense_error is not None:
         ax.legend(fontsize=8)
     fig.savefig(path, dpi=90)
+    return fig
 
 
 def plot_run(out, history, snapshots, model=None, curve=None, chosen=None, dense_error=None):
