@@ -34,10 +34,22 @@ def sparsevd_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseVDModule)]
 
 
+def _one_per_posterior(layers):
+    """One SparseVD layer per posterior: layers sharing θ and its variance (an embedding
+    tied to the output head, see :func:`sparsevd.convert`) count once, by the layer that
+    reads every row (an embedding leaves its padding row out; a head tied to it reads it)."""
+    chosen = {}
+    for name, layer in layers:
+        key = (id(layer.weight), id(layer._raw_variance()))
+        if key not in chosen or getattr(chosen[key][1], "padding_idx", None) is not None:
+            chosen[key] = (name, layer)
+    return list(chosen.values())
+
+
 def kl_divergence(model):
     """Σ KL over every SparseVD and SBPDropout layer of ``model``: a differentiable 0-dim
-    float32 tensor."""
-    layers = sparsevd_modules(model) + sbp_modules(model)
+    float32 tensor. Layers that share their parameters (tied weights) count once."""
+    layers = _one_per_posterior(sparsevd_modules(model)) + sbp_modules(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no SparseVD layers and no SBPDropout layers")
     total = layers[0][1].kl()
@@ -225,12 +237,12 @@ def compression(model):
     """(kept, total) weights of ``model`` (each layer counted by :func:`sparsevd.report.kept_weights`).
 
     Without SBPDropout layers: the weights the SparseVD masks keep, of the SparseVD layers'
-    weights (the SparseVD paper's count). With them: the non-zero weights of the dense
+    weights (the SparseVD paper's count; tied weights once). With them: the non-zero weights of the dense
     network that ``sparsify`` cuts the pruned units from (a weight counts when its mask
     and the SBP layers keep it and it connects two kept units), of all the weights of
     ``model``'s linear and convolution layers."""
     if not sbp_modules(model):
-        counts = [kept_weights(layer) for _, layer in sparsevd_modules(model)]
+        counts = [kept_weights(layer) for _, layer in _one_per_posterior(sparsevd_modules(model))]
     else:
         from .sparsify import CostModel, sparsify  # sparsify builds on the training modules
 
