@@ -81,7 +81,7 @@ class ConversionReport:
     - ``converted``: {layer name: "nn.Linear → SparseVDLinear"}, the layers replaced;
     - ``excluded``: the convertible layers left dense because ``include``/``exclude`` did
       not select them;
-    - ``unsupported``: {type: [module names]}, the modules holding weights convert cannot
+    - ``unsupported``: {type: [module names]}, largest first, the modules holding weights convert cannot
       convert (``nn.LSTM``, ``nn.GRU``, ``nn.Conv3d``, a subclass of ``nn.Linear``, ... and
       ``"ViT (custom parameters)"`` for parameters a model class registers itself, such as
       a class token); normalisation layers are not listed (dense by design);
@@ -303,6 +303,9 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=reference.LOG_
                 if child is not None and id(child) in chosen:
                     setattr(parent, child_name, swap(child))
     _decline_fast_paths(model, {id(m) for new in converted.values() for m in new.modules()})
+    order = {name: k for k, name in enumerate(names)}
+    report.converted = dict(sorted(report.converted.items(), key=lambda item: order[item[0]]))
+    report.sbp.sort(key=order.get)
     if sparsevd:
         _warn_if_pruned([(f"{chosen[key]}.{sub}" if sub else chosen[key], layer)
                          for key, new in converted.items() for sub, layer in new.named_modules()
@@ -337,7 +340,7 @@ def _refuse_unconvertible(model, chosen):
 def _census(model, chosen, candidates, report):
     """Fill ``report.weights``, ``.excluded`` and ``.unsupported``: every parameter, once, by
     the module that registers it (or the convertible layer above it)."""
-    counts, unsupported, seen = defaultdict(int), defaultdict(list), set()
+    counts, unsupported, held, seen = defaultdict(int), defaultdict(list), defaultdict(int), set()
 
     def visit(module, name, category):
         if category is None:
@@ -359,13 +362,14 @@ def _census(model, chosen, candidates, report):
                 key = _type_name(kind) if kind.__module__.startswith("torch.nn") else f"{kind.__qualname__} " \
                                                                                        "(custom parameters)"
                 unsupported[key].append(name or "(the model)")
+                held[key] += sum(p.numel() for p in own)
         for child_name, child in module._modules.items():
             if child is not None:
                 visit(child, f"{name}.{child_name}" if name else child_name, category)
 
     visit(model, "", None)
     report.excluded = list(dict.fromkeys(report.excluded))
-    report.unsupported = dict(unsupported)
+    report.unsupported = {key: unsupported[key] for key in sorted(unsupported, key=held.get, reverse=True)}
     report.weights = {k: counts[k] for k in ("converted", "excluded", "unsupported", "normalization", "sparsevd")}
     report.weights["total"] = sum(report.weights.values())
 

@@ -273,9 +273,10 @@ class SparseEmbedding(nn.Module):
         return self.weight[self.rows]
 
     def forward(self, input):
-        try:
-            return torch.nn.functional.embedding(self._buffers["rows"][input], self._buffers["weight"])
-        except (IndexError, RuntimeError, TypeError):
+        try:  # index_select, not rows[input], which would read a negative index from the end
+            rows = self._buffers["rows"].index_select(0, input.reshape(-1)).view(input.shape)
+            return torch.nn.functional.embedding(rows, self._buffers["weight"])
+        except (AttributeError, IndexError, RuntimeError, TypeError):
             _check_indices(type(self).__name__, input, self.num_embeddings)
             raise
 
