@@ -185,7 +185,8 @@ class SparseVDMultiheadAttention(nn.Module):
                                               target_type=query.dtype)
         if is_causal and attn_mask is None:
             raise ValueError(f"{op}: is_causal=True is a hint that attn_mask is the causal mask, so it needs attn_mask "
-                             "(nn.Transformer.generate_square_subsequent_mask makes one), as nn.MultiheadAttention does")
+                             "(nn.Transformer.generate_square_subsequent_mask makes one), as nn.MultiheadAttention "
+                             "does")
         if is_causal and key_padding_mask is None and not need_weights:
             attn_mask = None  # F.scaled_dot_product_attention applies the causal mask itself
         else:
@@ -197,8 +198,8 @@ class SparseVDMultiheadAttention(nn.Module):
         if attn_mask is not None:
             expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * heads, tgt_len, src_len)
             if attn_mask.dim() not in (2, 3) or attn_mask.shape != expected:
-                raise ValueError(f"{op}: attn_mask must have shape (L, S) = {(tgt_len, src_len)} or "
-                                 f"(N·num_heads, L, S) = {(bsz * heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
+                raise ValueError(f"{op}: attn_mask must have shape (L, S) = {(tgt_len, src_len)} or (N·num_heads, "
+                                 f"L, S) = {(bsz * heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
             if attn_mask.dim() == 2:
                 attn_mask = attn_mask.unsqueeze(0)
         if key_padding_mask is not None and key_padding_mask.shape != (bsz, src_len):

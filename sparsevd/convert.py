@@ -331,9 +331,9 @@ def _refuse_unconvertible(model, chosen):
         if (isinstance(module, nn.TransformerEncoderLayer) and type(module) is not nn.TransformerEncoderLayer
                 and type(module).forward is nn.TransformerEncoderLayer.forward
                 and any(id(m) in chosen for m in module.modules())):
-            raise ValueError(f"convert: {type(module).__name__} is a subclass of nn.TransformerEncoderLayer with torch's "
-                             "forward, whose native fast path reads raw weights and would skip the SparseVD masks; "
-                             "give it a forward without the fast path (see SparseVDTransformerEncoderLayer), or "
+            raise ValueError(f"convert: {type(module).__name__} is a subclass of nn.TransformerEncoderLayer with "
+                             "torch's forward, whose native fast path reads raw weights and would skip the SparseVD "
+                             "masks; give it a forward without the fast path (see SparseVDTransformerEncoderLayer), or "
                              "exclude the layers inside it")
 
 
@@ -452,7 +452,7 @@ def _traced_outputs(model, names):
         # torch.nn containers (nn.TransformerEncoder, ...) are traced through, so that the
         # layers inside them are seen
         def is_leaf_module(self, m, qualified_name):
-            return id(m) in leaves or (super().is_leaf_module(m, qualified_name) and not any(True for _ in m.children()))
+            return id(m) in leaves or (super().is_leaf_module(m, qualified_name) and not list(m.children()))
 
     try:
         with warnings.catch_warnings():

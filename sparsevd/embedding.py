@@ -82,8 +82,9 @@ class SparseVDEmbedding(SparseVDModule):
             padding_idx %= num_embeddings
         if max_norm is not None:
             raise ValueError(f"{op}: max_norm is not supported: nn.Embedding renormalises the looked-up rows of its "
-                             "weight in place at every call, which would move θ (and so log α) behind the optimiser's "
-                             "back; normalise the embeddings in the model instead, or keep this layer dense")
+                             "weight in place at every call, which would move θ (and so log α) behind the "
+                             "optimiser's back; normalise the embeddings in the model instead, or keep this layer "
+                             "dense")
         if sparse:
             raise ValueError(f"{op}: sparse=True is not supported: the KL term's gradient reaches every row, so the "
                              "gradient of a SparseVD embedding is dense whatever the lookup reads")

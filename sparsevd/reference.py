@@ -144,8 +144,9 @@ def embedding_sample(indices, weight, log_sigma2, noise, padding_idx=None):
 
     A position that looks up ``padding_idx`` gets θ[padding_idx] exactly, without noise
     (``nn.Embedding``'s padding row is a constant), and no gradient reaches that row. With
-    g = ∂L/∂y, the gradients of the other rows are summed over the positions reading them:
-    ∂θ[i] = Σ_p g[p] and ∂log σ²[i] = Σ_p g[p] ⊙ z[p] ⊙ exp(log σ²[i]) / (2 sqrt(exp(log σ²[i]) + 1e-8)).
+    g = ∂L/∂y, the gradients of the other rows are summed over the positions p reading them:
+
+        ∂θ[i] = Σ_p g[p],   ∂log σ²[i] = Σ_p g[p] ⊙ z[p] ⊙ σ²[i] / (2 sqrt(σ²[i] + 1e-8))
     """
     embed = torch.nn.functional.embedding
     mean = embed(indices, weight, padding_idx)

@@ -347,8 +347,9 @@ class _LSTMClassifier(nn.Module):
 def test_report_says_what_was_converted_left_dense_and_not_convertible(caplog):
     model = _LSTMClassifier()
     with caplog.at_level("INFO", logger="sparsevd.convert"), pytest.warns(
-            UserWarning, match=r"convert: \d+% of _LSTMClassifier's weights are in modules it cannot convert \(nn.LSTM: "
-                               r"lstm; _LSTMClassifier \(custom parameters\): \(the model\)\): they stay dense"):
+            UserWarning, match=r"convert: \d+% of _LSTMClassifier's weights are in modules it cannot convert "
+                               r"\(nn.LSTM: lstm; _LSTMClassifier \(custom parameters\): \(the model\)\): they "
+                               r"stay dense"):
         converted = sparsevd.convert(model, exclude="head")
     report = converted.sparsevd_conversion
     assert isinstance(report, sparsevd.ConversionReport)
