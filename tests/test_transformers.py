@@ -7,6 +7,8 @@ attention and embeddings, torch.compile trains and evaluates them, and FSDP2 tra
 import copy
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -232,6 +234,44 @@ def test_compiled_converted_transformer_trains_and_evaluates():
     for mode in (torch.enable_grad, torch.no_grad):
         with mode():
             torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_and_pickle_round_trip(tmp_path):
+    _, model, inputs = _models(True)[0]
+    converted = _convert(model)
+    _prune_some(converted)
+    fresh = _convert(TextClassifier())
+    fresh.load_state_dict(converted.state_dict())
+    torch.testing.assert_close(fresh(*inputs), converted(*inputs), rtol=0, atol=0)
+    torch.save(converted, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.encoder.layers[0]) is sparsevd.SparseVDTransformerEncoderLayer
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), converted(*inputs), rtol=0, atol=0)
+
+
+EXPORTED = """
+import sys, torch, sparsevd
+program = torch.export.load(sys.argv[1])
+torch.save(program.module()(*torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("index, batch_first, strict", [(0, True, False), (0, True, True), (3, False, False)])
+def test_converted_transformer_exports_and_runs_in_a_fresh_process(tmp_path, index, batch_first, strict):
+    """(A mask passed without its is_causal hint makes torch's own encoder and decoder
+    stacks untraceable, converted or not: _detect_is_causal_mask reads the mask's values.)"""
+    name, model, inputs = _models(batch_first)[index]
+    converted = _convert(model)
+    _prune_some(converted)
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(converted, inputs, strict=strict, dynamic_shapes=tuple({0: batch} for _ in inputs))
+    torch.export.save(program, tmp_path / "model.pt2")
+    other = tuple(torch.cat([x, x[:1]]) for x in inputs)  # another batch size
+    torch.save(other, tmp_path / "inputs.pt")
+    subprocess.run([sys.executable, "-c", EXPORTED, str(tmp_path / "model.pt2"), str(tmp_path / "inputs.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), converted(*other), rtol=1e-5, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------- FSDP2
