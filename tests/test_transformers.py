@@ -220,7 +220,7 @@ def test_compiled_converted_transformer_trains_and_evaluates():
     tokens, labels = _tokens(batch=8, vocab=100), torch.arange(8) % 3
     loss_fn = sparsevd.SGVLBLoss(model, dataset_size=1000)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    step = torch.compile(lambda: loss_fn(model(tokens), labels), backend="aot_eager")
+    step = torch.compile(lambda: loss_fn(model(tokens), labels), backend="aot_eager", fullgraph=True)
     losses = []
     for _ in range(6):
         loss = step()
@@ -230,7 +230,7 @@ def test_compiled_converted_transformer_trains_and_evaluates():
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
     model.eval()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     for mode in (torch.enable_grad, torch.no_grad):
         with mode():
             torch.testing.assert_close(compiled(tokens), model(tokens), rtol=1e-5, atol=1e-6)
