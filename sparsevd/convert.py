@@ -260,8 +260,8 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=reference.LOG_
         _check_used(include_sel, used_in, "include", names)
     if exclude_sel is not None:
         _check_used(exclude_sel, used_ex, "exclude", names)
+    what = SUPPORTED if sparsevd else ", ".join(_type_name(k) for k in SBP_TYPES) + " (SBP alone)"
     if not chosen:
-        what = SUPPORTED if sparsevd else ", ".join(_type_name(k) for k in SBP_TYPES)
         raise ValueError(f"convert: {type(model).__name__} has no layer to convert (convert converts {what}; "
                          f"convertible layers: {names}; include={_describe(include)}, exclude={_describe(exclude)})")
     _refuse_unconvertible(model, chosen)
@@ -273,7 +273,7 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=reference.LOG_
         sbp_layers = [(name, m) for name, m in candidates if isinstance(m, SBP_TYPES)]
         report.output_layers, report.output_found_by = _output_layers(model, sbp_layers, example_inputs)
         outputs = set(report.output_layers)
-    shared_weights = _shared_weights(model, chosen)
+    shared_weights = _shared_weights(model)
 
     options = {"log_sigma2_init": float(log_sigma2_init), "threshold": float(threshold), "alpha": alpha}
     converted = {}  # id(old) -> what replaces it, so a layer used in two places stays one layer
@@ -313,7 +313,7 @@ def convert(model, *, include=None, exclude=None, log_sigma2_init=reference.LOG_
     if report.unsupported_share > UNSUPPORTED_SHARE_WARNING:
         where = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in report.unsupported.items())
         warnings.warn(f"convert: {report.unsupported_share:.0%} of {type(model).__name__}'s weights are in modules it "
-                      f"cannot convert ({where}): they stay dense and are not pruned (it converts {SUPPORTED}); see "
+                      f"cannot convert ({where}): they stay dense and are not pruned (it converts {what}); see "
                       "model.sparsevd_conversion", stacklevel=2)
     model.sparsevd_conversion = report
     logger.info("convert(%s):\n%s", type(model).__name__, report)
@@ -374,14 +374,15 @@ def _census(model, chosen, candidates, report):
     report.weights["total"] = sum(report.weights.values())
 
 
-def _shared_weights(model, chosen):
-    """ids of the weights that more than one selected layer uses (SBP's compensation would
-    change the other user)."""
-    users = defaultdict(set)
+def _shared_weights(model):
+    """ids of the weights that more than one module holds (SBP's compensation would change
+    the other holder)."""
+    holders = defaultdict(set)
     for module in model.modules():
-        if id(module) in chosen and isinstance(module, SBP_TYPES + (nn.Embedding,)):
-            users[id(module.weight)].add(id(module))
-    return {key for key, layers in users.items() if len(layers) > 1}
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders[id(weight)].add(id(module))
+    return {key for key, modules in holders.items() if len(modules) > 1}
 
 
 def _keep_requires_grad(old, new):

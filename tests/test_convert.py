@@ -432,3 +432,19 @@ def test_embedding_options_convert_cannot_keep_are_refused_before_anything_chang
         sparsevd.convert(model)
     kept = _convert_quietly(model, exclude="emb")
     assert type(kept.emb) is nn.Embedding and kept.head.weight is not kept.emb.weight
+
+
+@pytest.mark.parametrize("sparsevd_too", [True, False])
+def test_no_sbp_on_a_layer_whose_weight_is_shared(sparsevd_too):
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    if sparsevd_too:
+        converted = _convert_quietly(model, sbp=True, sbp_output=True, log_sigma2_init=-20.0)
+    else:  # SBP alone leaves the embedding, most of the weights, as it is
+        with pytest.warns(UserWarning, match=r"in modules it cannot convert \(nn.Embedding: emb\).*it converts "
+                                             r"nn.Linear, nn.Conv1d, nn.Conv2d \(SBP alone\)"):
+            converted = sparsevd.convert(model, sbp=True, sbp_output=True, sparsevd=False)
+    assert converted.sparsevd_conversion.sbp == ["body"]
+    assert converted.head.weight is converted.emb.weight
+    tokens = torch.randint(0, 13, (2, 5))
+    torch.testing.assert_close(converted.eval()(tokens), model(tokens), rtol=1e-5, atol=1e-6)
