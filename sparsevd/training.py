@@ -237,10 +237,10 @@ def compression(model):
     """(kept, total) weights of ``model`` (each layer counted by :func:`sparsevd.report.kept_weights`).
 
     Without SBPDropout layers: the weights the SparseVD masks keep, of the SparseVD layers'
-    weights (the SparseVD paper's count; tied weights once). With them: the non-zero weights of the dense
-    network that ``sparsify`` cuts the pruned units from (a weight counts when its mask
-    and the SBP layers keep it and it connects two kept units), of all the weights of
-    ``model``'s linear and convolution layers."""
+    weights (the SparseVD paper's count; tied weights once). With them: the non-zero
+    weights of the dense network that ``sparsify`` cuts the pruned units from (a weight
+    counts when its mask and the SBP layers keep it and it connects two kept units), of all
+    the weights of ``model``'s linear and convolution layers."""
     if not sbp_modules(model):
         counts = [kept_weights(layer) for _, layer in _one_per_posterior(sparsevd_modules(model))]
     else:
