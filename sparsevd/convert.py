@@ -81,10 +81,11 @@ class ConversionReport:
     - ``converted``: {layer name: "nn.Linear → SparseVDLinear"}, the layers replaced;
     - ``excluded``: the convertible layers left dense because ``include``/``exclude`` did
       not select them;
-    - ``unsupported``: {type: [module names]}, largest first, the modules holding weights convert cannot
-      convert (``nn.LSTM``, ``nn.GRU``, ``nn.Conv3d``, a subclass of ``nn.Linear``, ... and
-      ``"ViT (custom parameters)"`` for parameters a model class registers itself, such as
-      a class token); normalisation layers are not listed (dense by design);
+    - ``unsupported``: {type: [module names]}, largest first, the modules holding weights
+      convert cannot convert (``nn.LSTM``, ``nn.GRU``, ``nn.Conv3d``, a subclass of
+      ``nn.Linear``, ... and ``"ViT (custom parameters)"`` for parameters a model class
+      registers itself, such as a class token); normalisation layers are not listed (dense
+      by design);
     - ``sbp``: the layers followed by an SBPDropout;
     - ``output_layers``, ``output_found_by``: with ``sbp``, the layers whose outputs are the
       model's outputs (they get no SBPDropout unless ``sbp_output=True``) and how they were
