@@ -278,7 +278,9 @@ class SparseVDTransformerEncoderLayer(nn.TransformerEncoderLayer):
     would run without its mask (and without noise under :func:`sparsevd.predict`), a
     sparsified one would not run at all. This subclass computes what the layer's slow path
     computes, in every mode; :func:`sparsevd.convert` puts it in place of every encoder
-    layer it converts anything in (the same submodules, parameters and state dict).
+    layer it converts anything in (the same submodules, parameters and state dict). Built
+    directly, it holds torch's layers, like its base class: a SparseVD encoder layer is
+    ``sparsevd.convert(nn.TransformerEncoderLayer(...))``.
     """
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
