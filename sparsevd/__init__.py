@@ -5,8 +5,10 @@ to the loss (:class:`SGVLBLoss` does it), and the network prunes itself.
 """
 
 from . import dispatch, functional, reference  # noqa: F401  (importing them registers the ops)
+from .attention import SparseVDMultiheadAttention, SparseVDTransformerEncoderLayer
 from .conv import SparseVDConv1d, SparseVDConv2d
-from .convert import convert
+from .convert import ConversionReport, convert
+from .embedding import SparseEmbedding, SparseVDEmbedding
 from .inference import FusedSequential
 from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
@@ -30,6 +32,11 @@ __all__ = [
     "SparseConv2d",
     "SparseConv1d",
     "convert",
+    "ConversionReport",
+    "SparseVDMultiheadAttention",
+    "SparseVDTransformerEncoderLayer",
+    "SparseVDEmbedding",
+    "SparseEmbedding",
     "predict",
     "Prediction",
     "SparseLinear",

@@ -133,6 +133,34 @@ def masked_linear(x, weight, mask, bias):
     return torch.nn.functional.linear(x, weight * mask, bias)
 
 
+def embedding_sample(indices, weight, log_sigma2, noise, padding_idx=None):
+    """The training lookup of a SparseVD embedding (``weight``, ``log_sigma2``: [V, D]).
+
+    A lookup reads one row per position, so sampling the looked-up weights IS the local
+    reparameterization (each position gets its own independent draw, as each example does
+    in the LRT of a linear layer):
+
+        y[p] = θ[i_p] + sqrt(exp(log σ²[i_p]) + 1e-8) ⊙ z[p],   z ~ N(0, 1) of shape [*indices.shape, D]
+
+    A position that looks up ``padding_idx`` gets θ[padding_idx] exactly, without noise
+    (``nn.Embedding``'s padding row is a constant), and no gradient reaches that row. With
+    g = ∂L/∂y, the gradients of the other rows are summed over the positions p reading them:
+
+        ∂θ[i] = Σ_p g[p],   ∂log σ²[i] = Σ_p g[p] ⊙ z[p] ⊙ σ²[i] / (2 sqrt(σ²[i] + 1e-8))
+    """
+    embed = torch.nn.functional.embedding
+    mean = embed(indices, weight, padding_idx)
+    y = lrt_sample(mean, embed(indices, log_sigma2, padding_idx).exp(), noise)
+    if padding_idx is not None:
+        y = torch.where((indices == padding_idx).unsqueeze(-1), mean, y)
+    return y
+
+
+def masked_embedding(indices, weight, mask, padding_idx=None):
+    """The deterministic evaluation-mode lookup: (θ ⊙ mask)[indices]."""
+    return torch.nn.functional.embedding(indices, weight * mask, padding_idx)
+
+
 def csr_to_dense(crow_indices, col_indices, values, in_features):
     """The dense [N, K] matrix of a CSR matrix whose rows are output features."""
     rows = crow_indices.numel() - 1

@@ -56,10 +56,23 @@ def require_pruning_layers(model, what, warn=False, hint=""):
     return layers
 
 
+def _one_per_posterior(layers):
+    """One SparseVD layer per posterior: layers sharing θ and its variance (an embedding
+    tied to the output head, see :func:`sparsevd.convert`) count once, by the layer that
+    reads every row (an embedding leaves its padding row out; a head tied to it reads it)."""
+    chosen = {}
+    for name, layer in layers:
+        key = (id(layer.weight), id(layer._raw_variance()))
+        if key not in chosen or getattr(chosen[key][1], "padding_idx", None) is not None:
+            chosen[key] = (name, layer)
+    return list(chosen.values())
+
+
 def kl_divergence(model):
     """Σ KL over every SparseVD and SBPDropout layer of ``model``: a differentiable 0-dim
-    float32 tensor."""
-    layers = require_pruning_layers(model, "kl_divergence")
+    float32 tensor. Layers that share their parameters (tied weights) count once."""
+    require_pruning_layers(model, "kl_divergence")
+    layers = _one_per_posterior(sparsevd_modules(model)) + sbp_modules(model)
     total = layers[0][1].kl()
     for _, layer in layers[1:]:
         total = total + layer.kl()
@@ -266,15 +279,15 @@ def compression(model):
     """(kept, total) weights of ``model`` (each layer counted by :func:`sparsevd.report.kept_weights`).
 
     Without SBPDropout layers: the weights the SparseVD masks keep, of the SparseVD layers'
-    weights (the SparseVD paper's count). With them: the non-zero weights of the dense
-    network that ``sparsify`` cuts the pruned units from (a weight counts when its mask
-    and the SBP layers keep it and it connects two kept units), of all the weights of
-    ``model``'s linear and convolution layers. A model without SparseVD and SBPDropout
-    layers is refused (ValueError): :func:`sparsevd.report` counts any model's weights."""
+    weights (the SparseVD paper's count; tied weights once). With them: the non-zero
+    weights of the dense network that ``sparsify`` cuts the pruned units from (a weight
+    counts when its mask and the SBP layers keep it and it connects two kept units), of all
+    the weights of ``model``'s linear and convolution layers. A model without SparseVD and
+    SBPDropout layers is refused (ValueError): :func:`sparsevd.report` counts any model's weights."""
     require_pruning_layers(model, "compression", hint="; sparsevd.report(model).total counts the kept weights "
                            "of any model, a sparsified one included")
     if not sbp_modules(model):
-        counts = [kept_weights(layer) for _, layer in sparsevd_modules(model)]
+        counts = [kept_weights(layer) for _, layer in _one_per_posterior(sparsevd_modules(model))]
     else:
         from .sparsify import CostModel, sparsify  # sparsify builds on the training modules
 

@@ -459,16 +459,18 @@ def test_predict_samples_sbp_layers():
 def test_convert_inserts_sbp_after_each_layer():
     base = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
     model = sparsevd.convert(base, sbp={"threshold": 2.0})
-    conv, lin = model[0], model[3]
+    conv = model[0]
     assert isinstance(conv[0], sparsevd.SparseVDConv2d) and isinstance(conv[1], sparsevd.SBPDropout)
     assert conv[1].dim == 1 and conv[1].num_features == 4 and conv[1].threshold == 2.0
+    assert isinstance(model[3], sparsevd.SparseVDLinear), "no SBP on the output layer"
+    lin = sparsevd.convert(base, sbp=True, sbp_output=True)[3]
     assert isinstance(lin[0], sparsevd.SparseVDLinear) and lin[1].dim == -1 and lin[1].num_features == 5
     dense = sparsevd.convert(base, sbp=True, sparsevd=False)
     assert type(dense[0][0]) is nn.Conv2d and isinstance(dense[0][1], sparsevd.SBPDropout)
     x = torch.randn(3, 2, 5, 5)
     base.eval(), dense.eval()
-    # E[θ] at μ = 0, log σ = −5 is 0.9947: the converted network starts close to the original
-    torch.testing.assert_close(dense(x), base(x), rtol=0.05, atol=0.05)
+    # E[θ] at μ = 0, log σ = −5 is 0.9947: convert divides the layer by it, so the pair computes what it did
+    torch.testing.assert_close(dense(x), base(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="sparsevd=False without sbp"):
         sparsevd.convert(base, sparsevd=False)
     with pytest.raises(ValueError, match="unknown SBPDropout options"):
