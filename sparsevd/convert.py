@@ -12,6 +12,7 @@ import copy
 import fnmatch
 import logging
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -455,12 +456,12 @@ def _traced_outputs(model, names):
         def is_leaf_module(self, m, qualified_name):
             return id(m) in leaves or (super().is_leaf_module(m, qualified_name) and not list(m.children()))
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
             graph = Tracer().trace(model)
-    except Exception:  # noqa: BLE001 -- a model fx cannot trace (data-dependent control flow, ...) falls back
-        return None
+        except Exception:  # noqa: BLE001 -- a model fx cannot trace (data-dependent control flow, ...) falls back
+            return None
     modules = dict(model.named_modules())
     found, seen = [], set()
     stack = [node for node in graph.nodes if node.op == "output"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd import dispatch, noise, reference
+from sparsevd import noise, reference
 from sparsevd import functional as F
 from sparsevd.conv import SparseVDConv2d
 

@@ -3,7 +3,6 @@ Zhu & Gupta's, and a run of it goes through the same sparsify() and results as S
 resumes exactly and compares with sparsevd-compare."""
 
 import copy
-import json
 
 import pytest
 import torch

@@ -100,6 +100,14 @@ def test_plain_model_warning_points_at_the_users_line():
     assert caught[0].filename == HERE and str(caught[0].message).startswith("sparsify: Linear has no SparseVD")
 
 
+def test_convert_warnings_point_at_the_users_line():
+    pruned_at_once = _recorded(lambda: sparsevd.convert(nn.Sequential(nn.Linear(8, 8)), log_sigma2_init=-3.0))
+    assert [w.filename for w in pruned_at_once] == [HERE] and "pruned at once" in str(pruned_at_once[0].message)
+    lstm_model = nn.ModuleDict({"rnn": nn.LSTM(16, 16), "head": nn.Linear(16, 2)})
+    unconvertible = _recorded(lambda: sparsevd.convert(lstm_model))
+    assert [w.filename for w in unconvertible] == [HERE] and "cannot convert" in str(unconvertible[0].message)
+
+
 def test_warn_outside_the_package_is_the_callers_line():
     caught = _recorded(lambda: _warnings.warn("here", FutureWarning))
     assert caught[0].filename == HERE and caught[0].category is FutureWarning

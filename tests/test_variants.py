@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sparsevd
-from sparsevd import dispatch, noise, reference
+from sparsevd import noise, reference
 from sparsevd import functional as F
 
 LEARNED = ["weight", "unit", "layer"]

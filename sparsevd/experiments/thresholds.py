@@ -85,7 +85,7 @@ def threshold_for_compression(curve, target):
     warning = (f"warning: --target-compression {target:g}: no threshold on log α down to {THRESHOLDS[0]:g} prunes "
                f"that much; the most compressed, log α < {nearest['threshold']:g}, keeps 1/"
                f"{nearest['compression']:.1f} of the weights. Train longer or with a larger --kl-weight to prune more.")
-    return nearest["threshold"], rule + f"; not reached, the most compressed instead", warning
+    return nearest["threshold"], rule + "; not reached, the most compressed instead", warning
 
 
 #: The selection of a network without SparseVD layers.
