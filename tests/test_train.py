@@ -646,6 +646,11 @@ def test_sbp_sits_on_conv_channels_and_fully_connected_inputs():
     assert all(m.threshold == 2.0 for _, m in sparsevd.sbp_modules(lenet5))
     assert not sparsevd.sparsevd_modules(lenet5) and len(sparsevd.sparsevd_modules(models.build("lenet5", "sparsevd+sbp"))) == 4
     assert _sbp_sizes(models.build("lenet5", "sparsevd")) == [] == _sbp_sizes(models.build("lenet5", "dense"))
+    # the ResNet's SBP sits inside each block, on the channels only conv2 reads
+    resnet = models.build("resnet", "sparsevd+sbp")
+    assert _sbp_sizes(resnet) == [16, 32, 64]
+    assert [name for name, _ in sparsevd.sbp_modules(resnet)] == [f"blocks.{i}.bn1.1" for i in range(3)]
+    assert len(sparsevd.sparsevd_modules(resnet)) == 1 + 2 * 3 + 2 + 1  # stem, block convs, two shortcuts, fc
 
 
 @pytest.mark.parametrize("name", list(models.MODELS))

@@ -48,7 +48,7 @@ WARMUP_FRACTIONS = (5 / 200, 20 / 200)
 MIN_RAMP_STEPS = 100
 
 DESCRIPTION = """\
-Train LeNet-300-100, the MLP 784-500-300-10 or LeNet-5-Caffe, dense, with Sparse VD, with
+Train LeNet-300-100, the MLP 784-500-300-10, LeNet-5-Caffe or ResNet-8, dense, with Sparse VD, with
 Structured Bayesian Pruning (SBP) or with both, on MNIST-5k, Fashion-MNIST or any
 directory of MNIST-format IDX files, and report what the papers report:
 
@@ -101,7 +101,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser():
     p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
-                   help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe")
+                   help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe; "
+                        "resnet: ResNet-8 (16-32-64 channels, BatchNorm; SBP inside each block)")
     p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
                    help="sbp: the dense network with SBP on the output channels of the convolutions and the inputs "
                         "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places; "

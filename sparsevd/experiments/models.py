@@ -1,6 +1,8 @@
 """The papers' networks, as ``nn.Sequential`` so that :func:`sparsevd.sparsify` can cut
 their dead units: LeNet-300-100, the MLP 784-500-300-10 and LeNet-5-Caffe, dense,
-SparseVD, with Structured Bayesian Pruning (SBP), or both.
+SparseVD, with Structured Bayesian Pruning (SBP), or both; and a class-style ResNet with
+BatchNorm for 28×28 inputs (:class:`ResNet`, ``resnet``: ResNet-8), the kind of model users
+bring.
 
 All take images ``[N, 1, 28, 28]`` (the MLPs also take flat ``[N, 784]``).
 
@@ -20,6 +22,7 @@ convolutions only.)
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from sparsevd import SBPDropout, SparseVDConv2d, SparseVDLinear
@@ -54,12 +57,73 @@ def lenet5_caffe(bayesian=True):
     )
 
 
+class BasicBlock(nn.Module):
+    """3×3 conv, BatchNorm, ReLU, 3×3 conv, BatchNorm, plus the shortcut (a 1×1 conv and
+    BatchNorm where the shape changes), then ReLU (He et al. 2016)."""
+
+    def __init__(self, in_channels, channels, stride, conv):
+        super().__init__()
+        self.conv1 = conv(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = conv(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(conv(in_channels, channels, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A ResNet for 28×28 single-channel images: a 3×3 stem, stages of :class:`BasicBlock`
+    (``blocks`` per stage, ``widths`` channels, stride 2 from the second stage on), global
+    average pooling and one fully-connected layer. SparseVD convolutions and linear layer
+    when ``bayesian``."""
+
+    def __init__(self, blocks=(1, 1, 1), widths=(16, 32, 64), num_classes=10, bayesian=True):
+        super().__init__()
+        conv, linear = (SparseVDConv2d, SparseVDLinear) if bayesian else (nn.Conv2d, nn.Linear)
+        self.stem = nn.Sequential(conv(1, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, channels = [], widths[0]
+        for stage, (count, width) in enumerate(zip(blocks, widths)):
+            for i in range(count):
+                layers.append(BasicBlock(channels, width, 2 if stage > 0 and i == 0 else 1, conv))
+                channels = width
+        self.blocks = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = linear(channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+    def with_sbp(self, threshold=1.0):
+        """This network with an :class:`SBPDropout` on the channels inside every block (after
+        ``bn1``, before the ReLU): the channels that only ``conv2`` reads, so that a pruned one
+        is cut from both convolutions. The channels of the residual stream stay, as every
+        block and the shortcut add into them. Returns ``self``."""
+        for block in self.blocks:
+            block.bn1 = nn.Sequential(block.bn1, SBPDropout(block.bn1.num_features, threshold=threshold))
+        return self
+
+
+def resnet8(bayesian=True):
+    """ResNet-8: the stem, three stages of one :class:`BasicBlock` (16, 32, 64 channels) and
+    the classifier."""
+    return ResNet((1, 1, 1), (16, 32, 64), bayesian=bayesian)
+
+
 def with_sbp(model, threshold=1.0):
     """``model`` (an ``nn.Sequential``) with an :class:`SBPDropout` after every convolution
     (on its output channels, before the activation, as the authors place it) and before
     every fully-connected layer that does not read a convolution (on its inputs). The
     layers themselves are ``model``'s, so a trained network's state dict, loaded before,
-    stays; a unit is kept when its SNR > ``threshold``."""
+    stays; a unit is kept when its SNR > ``threshold``. A :class:`ResNet` places its own
+    (:meth:`ResNet.with_sbp`)."""
+    if isinstance(model, ResNet):
+        return model.with_sbp(threshold)
     linear, conv = (nn.Linear, SparseVDLinear), (nn.Conv2d, SparseVDConv2d)
     layers, previous = [], None
     for module in model:
@@ -80,7 +144,8 @@ def build(name, method, sbp_threshold=1.0):
     return with_sbp(model, sbp_threshold) if sbp else model
 
 
-MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe}
-NETWORK_NAMES = {"lenet300": "LeNet-300-100", "mlp500": "MLP 784-500-300-10", "lenet5": "LeNet-5-Caffe"}
+MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe, "resnet": resnet8}
+NETWORK_NAMES = {"lenet300": "LeNet-300-100", "mlp500": "MLP 784-500-300-10", "lenet5": "LeNet-5-Caffe",
+                 "resnet": "ResNet-8"}
 METHOD_NAMES = {"dense": "dense", "sparsevd": "SparseVD", "sbp": "SBP", "sparsevd+sbp": "SparseVD + SBP",
                 "magnitude": "magnitude pruning"}
