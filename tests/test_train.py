@@ -871,3 +871,28 @@ def test_bad_sbp_starts_are_reported(tmp_path, capsys, no_finish):
     dense = torch.load(lenet300 / checkpoints.CHECKPOINT, weights_only=True)["model"]
     assert torch.equal(state["2.weight"], dense["1.weight"]) and torch.equal(state["8.bias"], dense["5.bias"])
     assert torch.all(state["1.mu"] == 0) and torch.all(state["4.log_sigma"] == -5)  # the SBP layers start fresh
+
+
+def test_threshold_curve_measures_each_distinct_mask_once_and_agrees_with_measuring_all(monkeypatch):
+    torch.manual_seed(0)
+    model = models.build("lenet300", "sparsevd+sbp").eval()
+    with torch.no_grad():  # log α from -1 to 4 only: every threshold below -1 keeps the same weights
+        for _, layer in sparsevd.sparsevd_modules(model):
+            layer.log_sigma2.copy_(2 * layer.weight.abs().clamp_min(1e-8).log() + torch.empty_like(layer.weight).uniform_(-1, 4))
+    x, y = torch.rand(50, 1, 28, 28), torch.randint(0, 10, (50,))
+    calls = []
+    measured = loop.error_rate
+
+    def error_rate(*args, **kwargs):
+        calls.append(1)
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(thresholds, "error_rate", error_rate)
+    curve = thresholds.threshold_curve(model, x, y)
+    expected = []
+    for t in thresholds.THRESHOLDS:
+        thresholds.apply(model, t)
+        expected.append({"threshold": t, "compression": loop.compression_ratio(model),
+                         "val_error": measured(model, x, y)})
+    assert curve == expected
+    assert len(calls) == len({point["compression"] for point in expected}) < len(thresholds.THRESHOLDS)
