@@ -16,7 +16,6 @@ parameters that do not).
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections import OrderedDict
 
@@ -45,7 +44,6 @@ _IDENTITIES = (nn.Identity, nn.Dropout)
 _LINEAR = (nn.Linear, SparseLinear)
 _NO_ACTIVATION = (0, 0.0)
 _NO_INDICES = {None: None}
-_FORWARD = itertools.repeat("forward")
 _TRAINING = operator.attrgetter("training")
 _STALE = {"stale": True}  # any() of a hook list holding it is true
 #: Input shapes whose CUDA graphs are kept (each holds its own memory pool).
@@ -134,11 +132,12 @@ class _Watch:
         for chain in chains:
             chain.stale = self.hooks
         self.dicts = [m.__dict__ for m in members]
+        self.forward = ["forward"] * len(members)
         self.dropouts = [m for m in members if type(m) is nn.Dropout]
         self.flattens = [chain.modules[0] for chain in chains if chain.flatten]
 
     def changed(self):
-        if any(self.hooks) or any(map(operator.contains, self.dicts, _FORWARD)):
+        if any(self.hooks) or any(map(operator.contains, self.dicts, self.forward)):
             return True
         if self.dropouts and any(map(_TRAINING, self.dropouts)):
             return True
