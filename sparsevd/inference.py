@@ -44,7 +44,7 @@ _IDENTITIES = (nn.Identity, nn.Dropout)
 _LINEAR = (nn.Linear, SparseLinear)
 _NO_ACTIVATION = (0, 0.0)
 _NO_INDICES = {None: None}
-_TRAINING = operator.attrgetter("training")
+_ABSENT = object()  # what a dict lookup of a missing key gives
 _STALE = {"stale": True}  # any() of a hook list holding it is true
 #: Input shapes whose CUDA graphs are kept (each holds its own memory pool).
 MAX_GRAPHS = 8
@@ -63,6 +63,12 @@ class _Chain:
     settings (compared by value: ``LeakyReLU(0)`` reads as a new float each call), and a
     CSR layer's indices are checked again only when their version counters say they were
     edited.
+
+    The same C-level read of dicts watches what would make a module stop computing what
+    the chain computes for it: a parametrization (it takes the layer's tensor out of its
+    dict), a ``forward`` assigned on the instance, a Dropout switched to training, a
+    Flatten's dims changed. The chain then runs its modules one by one and marks ``stale``
+    for FusedSequential to plan again; hooks FusedSequential watches itself (``_watch``).
     """
 
     def __init__(self, modules, flatten, layers, activations):
@@ -72,79 +78,88 @@ class _Chain:
         self.sparse = [layer for layer in layers if isinstance(layer, SparseLinear)]
         self.in_features = layers[0].in_features
         self.activations = activations  # the activation module after each layer, or None
-        # where each layer's tensors are read, four per layer: (values or weight, crow, col,
-        # bias); a dense layer has no indices
-        self._tables, self._keys = [], []
+        # what each call reads: four tensors per layer (values or weight, crow, col, bias; a
+        # dense layer has no indices), then the watched module settings, whose planned
+        # values are `_planned`
+        tables, keys = [], []
         for layer in layers:
             if type(layer) is SparseLinear:
-                self._tables += [layer._buffers] * 3
-                self._keys += ["values", "crow_indices", "col_indices"]
+                tables += [layer._buffers] * 3
+                keys += ["values", "crow_indices", "col_indices"]
             else:
-                self._tables += [layer._parameters, _NO_INDICES, _NO_INDICES]
-                self._keys += ["weight", None, None]
-            self._tables.append(layer._parameters)
-            self._keys.append("bias")
-        self.stale = None  # a list the chain marks when it finds itself out of date (see _Watch)
-        self._bound = None  # (the tensors, the activation settings it was bound with, the bound call)
+                tables += [layer._parameters, _NO_INDICES, _NO_INDICES]
+                keys += ["weight", None, None]
+            tables.append(layer._parameters)
+            keys.append("bias")
+        self._n = len(tables)
+        # a forward assigned on an instance is a key of its __dict__ (planned: absent)
+        watched = [(m.__dict__, "forward", _ABSENT) for m in modules]
+        watched += [(m.__dict__, "training", False) for m in modules if type(m) is nn.Dropout]
+        if flatten:
+            watched += [(modules[0].__dict__, "start_dim", 1), (modules[0].__dict__, "end_dim", -1)]
+        self._tables, self._keys = tables + [w[0] for w in watched], keys + [w[1] for w in watched]
+        self._absent = [_ABSENT] * len(self._tables)
+        self._planned = [w[2] for w in watched]
+        self.stale = None  # FusedSequential's list of hook dicts: the chain marks it to be planned again
+        self._bound = None  # (the state and activation settings it was bound with, the bound call)
 
-    def _args(self, tensors, settings):
-        return (tensors[0::4], tensors[1::4], tensors[2::4], tensors[3::4], [s[0] for s in settings],
+    def _args(self, state, settings):
+        n = self._n
+        return (state[0:n:4], state[1:n:4], state[2:n:4], state[3:n:4], [s[0] for s in settings],
                 [s[1] for s in settings])
 
-    def _bind(self, tensors, settings):
+    def _bind(self, state, settings):
         for layer in self.sparse:  # indices replaced or edited since their layer checked them
             if layer._checked != layer._structure_key():
                 layer._recheck()
-        call = backends.bind_linear_chain(*self._args(tensors, settings), self.in_features, self.flatten,
+        call = backends.bind_linear_chain(*self._args(state, settings), self.in_features, self.flatten,
                                           type(self.layers[0]).__name__)
-        self._bound = (tensors, settings, call)
+        self._bound = (state, settings, call)
         return call
 
+    def _intact(self, state):
+        # (a parametrization takes the layer's tensor out of its dict)
+        return all(t is not _ABSENT for t in state[:self._n]) and state[self._n:] == self._planned
+
+    def _unfused(self, x):
+        self.stale.append(_STALE)
+        for module in self.modules:
+            x = module(x)
+        return x
+
     def __call__(self, x):
-        try:
-            tensors = list(map(operator.getitem, self._tables, self._keys))
-        except KeyError:  # a parametrization took a layer's tensor out of its dict: run the modules
-            self.stale.append(_STALE)
-            for module in self.modules:
-                x = module(x)
-            return x
+        state = list(map(dict.get, self._tables, self._keys, self._absent))
         settings = [_NO_ACTIVATION if a is None else _ACTIVATIONS[type(a)](a) for a in self.activations]
-        if torch.compiler.is_compiling():  # a traced graph holds the op and its arguments, not a bound call
-            return backends.call_linear_chain(self._args(tensors, settings), self.in_features, self.flatten,
-                                              type(self.layers[0]).__name__, x)
         bound = self._bound
-        if bound is None or not all(map(operator.is_, bound[0], tensors)) or bound[1] != settings \
-                or bound[2].stale():
-            return self._bind(tensors, settings)(x)
+        if bound is None or not all(map(operator.is_, bound[0], state)) or bound[1] != settings:
+            # the first call, or something changed (small ints and bools are singletons)
+            if not self._intact(state):
+                return self._unfused(x)
+            return self._bind(state, settings)(x)
+        if bound[2].stale():
+            return self._bind(state, settings)(x)
         return bound[2](x)
 
+    def traced(self, x):
+        """The call in a traced graph (torch.compile, torch.export): the op and its
+        arguments, read afresh; no bound call."""
+        state = list(map(dict.get, self._tables, self._keys, self._absent))
+        if not self._intact(state):
+            return self._unfused(x)
+        settings = [_NO_ACTIVATION if a is None else _ACTIVATIONS[type(a)](a) for a in self.activations]
+        return backends.call_linear_chain(self._args(state, settings), self.in_features, self.flatten,
+                                          type(self.layers[0]).__name__, x)
 
-class _Watch:
-    """What can make a planned chain's module stop computing what the chain computes for
-    it, read on every call with C-level loops (a Python loop over the modules would cost
-    as much as the op at batch 1): a hook added, a ``forward`` assigned on the instance, a
-    Dropout switched to training, a Flatten's dims changed, or a parametrization
-    registered (which the chain notices as a missing tensor, and marks in ``hooks``)."""
 
-    def __init__(self, chains):
-        members = [m for chain in chains for m in chain.modules]
-        self.hooks = [hooks for m in members for hooks in (m._forward_hooks, m._forward_pre_hooks)]
-        for chain in chains:
-            chain.stale = self.hooks
-        self.dicts = [m.__dict__ for m in members]
-        self.forward = ["forward"] * len(members)
-        self.dropouts = [m for m in members if type(m) is nn.Dropout]
-        self.flattens = [chain.modules[0] for chain in chains if chain.flatten]
-
-    def changed(self):
-        if any(self.hooks) or any(map(operator.contains, self.dicts, self.forward)):
-            return True
-        if self.dropouts and any(map(_TRAINING, self.dropouts)):
-            return True
-        for flatten in self.flattens:
-            if flatten.start_dim != 1 or flatten.end_dim != -1:
-                return True
-        return False
+def _watch(chains):
+    """What FusedSequential reads on every call, besides its children, to see whether a
+    chain's module changed since it was planned: every member's hook dicts (a list that
+    the chains also mark when they find themselves stale)."""
+    members = [m for chain in chains for m in chain.modules]
+    hooks = [hooks for m in members for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+    for chain in chains:
+        chain.stale = hooks
+    return hooks
 
 
 def _flattens_all(module):
@@ -201,14 +216,13 @@ class FusedSequential(nn.Sequential):
         self._graphs = OrderedDict()
 
     def _steps(self):
-        # Children replaced, added or removed, or a chain's module changed (a hook, a
-        # parametrization...) since the last call: plan again. A module left out of a chain
-        # joins one when the children change or on train()/eval().
+        # Children replaced, added or removed, or a chain's module changed (see _Chain and
+        # _watch) since the last call: plan again. A module left out of a chain joins one
+        # when the children change, or on train()/eval().
         plan, modules = self._plan, self._modules.values()
-        if plan is None or len(plan[0]) != len(modules) or not all(map(operator.is_, plan[0], modules)) \
-                or plan[2].changed():
+        if plan is None or plan[0] != list(modules) or any(plan[2]):
             steps = _plan(list(modules))
-            plan = self._plan = (list(modules), steps, _Watch([s for s in steps if type(s) is _Chain]))
+            plan = self._plan = (list(modules), steps, _watch([step for step in steps if type(step) is _Chain]))
         return plan[1]
 
     def forward(self, input):
@@ -216,7 +230,11 @@ class FusedSequential(nn.Sequential):
                 or _module_state._global_forward_hooks or _module_state._global_forward_pre_hooks:
             return super().forward(input)  # global hooks see every module's call
         steps = self._steps()
-        if self.cuda_graphs and input.is_cuda and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            for step in steps:
+                input = step.traced(input) if type(step) is _Chain else step(input)
+            return input
+        if self.cuda_graphs and input.is_cuda:
             return self._replay(input)
         for step in steps:
             input = step(input)
