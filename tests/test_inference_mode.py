@@ -139,3 +139,23 @@ def test_predict_under_inference_mode(task):
                                want.variance if task == "regression" else want.entropy)
     assert not model.training and all(not m.training for m in model.modules())
     model(x).sum().backward()  # nothing predict cached under inference_mode blocks autograd later
+
+
+def test_embeddings_under_inference_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(sparsevd.SparseVDEmbedding(20, 6), nn.Flatten(), sparsevd.SparseVDLinear(18, 4)).eval()
+    with torch.no_grad():
+        model[0].log_sigma2.copy_(torch.randn_like(model[0].log_sigma2) * 6 - 2)
+    fresh = copy.deepcopy(model)
+    tokens = torch.randint(0, 20, (5, 3))
+    with torch.inference_mode():
+        got = model(tokens)
+        table = sparsevd.SparseEmbedding.from_sparsevd(model[0])
+    assert _no_inference_tensors(table) == []
+    with torch.no_grad():
+        torch.testing.assert_close(got, fresh(tokens))
+        torch.testing.assert_close(table(tokens), fresh[0](tokens))
+        table.weight[0].add_(0)  # an ordinary buffer: editable outside inference_mode
+    model(tokens).sum().backward()
+    fresh(tokens).sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, fresh[0].weight.grad)
