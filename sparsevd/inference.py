@@ -9,9 +9,13 @@ On CUDA, each input shape additionally gets a captured CUDA graph, replayed on l
 with that shape, so a call costs one graph launch instead of a launch per kernel.
 
 It is an ``nn.Sequential`` with the same children, indices and state dict; it runs them
-one by one where fusing would change what they compute (training mode, or autograd
-through the input or a parameter that requires grad; :func:`~sparsevd.sparsify` returns
-parameters that do not).
+one by one where fusing would change what they compute (training mode, autograd through
+the input or a parameter that requires grad (:func:`~sparsevd.sparsify` returns
+parameters that do not), global forward hooks). A module joins a chain only while it
+computes exactly what its type says (:func:`sparsevd.plain.runs_as`: exact type, no
+hooks, no parametrization, no ``forward`` of its own); any other runs as itself and the
+chain splits around it. What can change that after a chain is planned (a hook added, a
+parametrization registered, an activation's settings) is read on every call.
 """
 
 from __future__ import annotations
@@ -223,6 +227,7 @@ class FusedSequential(nn.Sequential):
         if plan is None or plan[0] != list(modules) or any(plan[2]):
             steps = _plan(list(modules))
             plan = self._plan = (list(modules), steps, _watch([step for step in steps if type(step) is _Chain]))
+            self._graphs.clear()  # captured from the old plan
         return plan[1]
 
     def forward(self, input):
