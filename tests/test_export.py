@@ -10,16 +10,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_python
 from torch import nn
 
 import sparsevd
-from conftest import run_python
 
 #: Every layer CSR, whatever its size: the cost of a dense layer is infinite.
 CSR = sparsevd.CostModel(cpu=dataclasses.replace(sparsevd.CostModel().cpu, dense_overhead_s=math.inf),
                          cuda=dataclasses.replace(sparsevd.CostModel().cuda, dense_overhead_s=math.inf))
 BATCHES = (1, 6)  # exported with a batch of 3, run at others
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _prune(model, seed):
@@ -182,7 +182,7 @@ def programs(tmp_path_factory):
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_exported_program_matches_the_module(programs, name, strict):
-    (_, _, module, program, _, inputs, outputs), = [p for p in programs if p[:2] == (name, strict)]
+    (_, _, _, program, _, inputs, outputs), = [p for p in programs if p[:2] == (name, strict)]
     run = program.module()
     for x, want in zip(inputs, outputs):
         torch.testing.assert_close(run(x), want, **TOL)

@@ -14,7 +14,7 @@ from torch.nn.utils import parametrizations, parametrize
 import sparsevd
 from sparsevd import inference
 
-TOL = dict(rtol=1e-5, atol=1e-6)
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _sparse(out_features, in_features, seed, cls=sparsevd.SparseLinear):

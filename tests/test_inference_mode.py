@@ -14,7 +14,7 @@ import sparsevd
 
 CSR = sparsevd.CostModel(cpu=dataclasses.replace(sparsevd.CostModel().cpu, dense_overhead_s=math.inf),
                          cuda=dataclasses.replace(sparsevd.CostModel().cuda, dense_overhead_s=math.inf))
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _model(sbp=True):
