@@ -234,10 +234,11 @@ class SparseEmbedding(nn.Module):
         self.num_embeddings = _positive_int(op, "num_embeddings", num_embeddings)
         self.embedding_dim = _positive_int(op, "embedding_dim", embedding_dim)
         _check_table(op, rows, weight, self.num_embeddings, self.embedding_dim)
-        self.register_buffer("rows", rows.detach().clone(memory_format=torch.contiguous_format))
-        self.register_buffer("weight", weight.detach().clone(memory_format=torch.contiguous_format))
-        self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.int32))
-        self.register_buffer("shape", torch.tensor([self.num_embeddings, self.embedding_dim], dtype=torch.int64))
+        with torch.inference_mode(False):  # built under inference_mode, its buffers are still ordinary ones
+            self.register_buffer("rows", rows.detach().clone(memory_format=torch.contiguous_format))
+            self.register_buffer("weight", weight.detach().clone(memory_format=torch.contiguous_format))
+            self.register_buffer("format_version", torch.tensor(FORMAT_VERSION, dtype=torch.int32))
+            self.register_buffer("shape", torch.tensor([self.num_embeddings, self.embedding_dim], dtype=torch.int64))
 
     @classmethod
     def from_dense(cls, weight):

@@ -278,7 +278,9 @@ class SparseVDModule(nn.Module):
                self.log_alpha_range, None if frozen is None else (frozen._version, frozen.data_ptr()))
         cache = self._eval_cache
         if cache is None or cache[0] != key:
-            with torch.no_grad():
+            # not inference tensors even under inference_mode (a later call with autograd saves
+            # them for backward); no_grad inside, as inference_mode(False) turns grad mode on
+            with torch.inference_mode(False), torch.no_grad():
                 mask = self.mask()
                 cache = self._eval_cache = (key, w * mask, mask)
         return cache[1], cache[2]

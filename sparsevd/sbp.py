@@ -199,7 +199,9 @@ class SBPDropout(nn.Module):
                    self.threshold, self.bounds, None if frozen is None else (frozen._version, frozen.data_ptr()))
             if self._eval_cache is not None and self._eval_cache[0] == key:
                 return self._eval_cache[1]
-        with torch.no_grad():
+        # not inference tensors even under inference_mode (a later call with autograd saves
+        # them for backward); no_grad inside, as inference_mode(False) turns grad mode on
+        with torch.inference_mode(False), torch.no_grad():
             if not compiling:
                 _check_finite("SBPDropout", mu, log_sigma)
             scale = reference.sbp_eval_scale(mu, log_sigma, self.threshold, self.bounds, mask=frozen).to(mu.dtype)

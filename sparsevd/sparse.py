@@ -52,6 +52,11 @@ class SparseLinear(nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         F.validate_csr(crow_indices, col_indices, values, (self.out_features, self.in_features))
+        with torch.inference_mode(False):  # built under inference_mode, it still serves autograd later
+            self._own(crow_indices, col_indices, values, bias)
+        self._checked = self._structure_key()
+
+    def _own(self, crow_indices, col_indices, values, bias):
         self.register_buffer("crow_indices", crow_indices.detach().clone(memory_format=torch.contiguous_format))
         self.register_buffer("col_indices", col_indices.detach().clone(memory_format=torch.contiguous_format))
         self.register_buffer("values", values.detach().clone(memory_format=torch.contiguous_format))
@@ -69,7 +74,6 @@ class SparseLinear(nn.Module):
             self.bias = nn.Parameter(bias, requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self._checked = self._structure_key()
 
     @classmethod
     def from_dense(cls, weight, bias=None):
@@ -94,23 +98,39 @@ class SparseLinear(nn.Module):
 
     def _structure_key(self):
         crow, col = self._buffers["crow_indices"], self._buffers["col_indices"]
+        if crow.is_inference() or col.is_inference():
+            return None  # no version counter: never the key of a check (_recheck owns normal copies)
         return crow._version, crow.data_ptr(), col._version, col.data_ptr()
 
     def _recheck(self):
         """The index buffers were edited or replaced since they were checked: check again
         (and reschedule the rows) before any kernel reads them."""
         F.validate_csr(self.crow_indices, self.col_indices, self.values, (self.out_features, self.in_features))
-        self.row_order = F.rows_by_length(self.crow_indices)
+        with torch.inference_mode(False):
+            for name, tensor in self._buffers.items():
+                # replaced by inference tensors (a .to() under inference_mode): they keep no
+                # version counter to watch, and autograd cannot save them, so own copies
+                if tensor is not None and tensor.is_inference():
+                    self._buffers[name] = tensor.clone()
+            self.row_order = F.rows_by_length(self.crow_indices)
         self._checked = self._structure_key()
 
     def forward(self, input):
         # At batch 1 the kernel takes a few microseconds: the tensors are read straight from
         # the buffer dict (a module attribute lookup is a Python-level fallback), and only
         # what can change between calls is checked: edited or replaced indices, the input.
+        # A traced graph (torch.compile, torch.export) has no data pointers to watch: its
+        # buffers were checked at construction or load_state_dict.
         buffers = self._buffers
         crow, col = buffers["crow_indices"], buffers["col_indices"]
-        if self._checked != (crow._version, crow.data_ptr(), col._version, col.data_ptr()):
-            self._recheck()
+        if not torch.compiler.is_compiling():
+            try:
+                stale = self._checked != (crow._version, crow.data_ptr(), col._version, col.data_ptr())
+            except RuntimeError:  # inference tensors have no version counter: _recheck replaces them
+                stale = True
+            if stale:
+                self._recheck()
+                crow, col = buffers["crow_indices"], buffers["col_indices"]
         if input.dim() == 2 and input.shape[1] == self.in_features:
             return _csr_linear(input, crow, col, buffers["values"], self._parameters["bias"], buffers["row_order"])
         if input.shape[-1:] != (self.in_features,):

@@ -411,6 +411,9 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if torch.is_inference_mode_enabled():  # a copy of inference tensors could never serve autograd later
+        with torch.inference_mode(False):
+            return sparsify(model, batch_size, cost_model, shrink, input_shape)
     cost_model = cost_model or CostModel()
     inference = copy.deepcopy(model).eval()
     _replace_sparsevd(inference)
