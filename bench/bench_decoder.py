@@ -16,8 +16,10 @@ Per part (``test_decoder_part``): the same modules called on their own with the 
 inputs, over all layers: ``projections`` (qkv and the output projection), ``attention``
 (splitting heads, appending to the cache, SDPA, merging heads), ``mlp``,
 ``embedding/head`` (both lookups, the final norm, the head). ``python bench_decoder.py
-results.json`` prints the split table, the rest of a step (LayerNorms, residual adds,
-Python) being its total minus the parts.
+results.json [min|median]`` prints the split table, the rest of a step (LayerNorms,
+residual adds, Python) being its total minus the parts; ``python bench_decoder.py
+--interleaved`` measures every case round-robin instead (see :func:`interleaved`: the
+figures to trust on a machine shared with other processes).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import sys
+import time
 
 import pytest
 import torch
@@ -160,7 +164,10 @@ def _parts(model, token, position, caches):
 PART_IMPLS = ["dense"] + [f"{kind}-{p}" for p in PRUNED for kind in ("converted-eval", "sparsified")]
 
 
-@pytest.mark.parametrize("part", ["projections", "attention", "mlp", "embedding/head"])
+PARTS = ["projections", "attention", "mlp", "embedding/head"]
+
+
+@pytest.mark.parametrize("part", PARTS)
 @pytest.mark.parametrize("impl", PART_IMPLS)
 def test_decoder_part(benchmark, impl, part):
     fn = _parts(_models()[impl], *_step_inputs())[part]
@@ -173,17 +180,10 @@ def test_decoder_part(benchmark, impl, part):
     harness.measure(benchmark, run, torch.device("cpu"), impl=impl, part=part)
 
 
-def split_table(data):
-    """Markdown: µs per step and per part for each implementation, the rest, and the speed-ups."""
-    step, part = {}, {}
-    for bench in data["benchmarks"]:
-        info = bench["extra_info"]
-        seconds = bench["stats"]["median"] / info.get("inner", 1)
-        if "part" in info:
-            part[info["impl"], info["part"]] = seconds
-        else:
-            step[info["impl"]] = seconds
-    names = ["projections", "attention", "mlp", "embedding/head"]
+def split_table(step, part):
+    """Markdown: µs per step (``step``: {impl: s}) and per part (``part``: {(impl, part): s})
+    for each implementation, the rest of the step, and the speed-ups."""
+    names = list(PARTS)
     lines = ["| case | step µs | × dense | × compiled dense | " + " | ".join(names) + " | rest |",
              "|---" * (len(names) + 5) + "|"]
     for impl in IMPLS:
@@ -198,6 +198,54 @@ def split_table(data):
     return "\n".join(lines)
 
 
+def from_json(data, stat="min"):
+    """(step, part) seconds of a pytest-benchmark JSON of this file; ``stat`` of the rounds."""
+    step, part = {}, {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        seconds = bench["stats"][stat] / info.get("inner", 1)
+        if "part" in info:
+            part[info["impl"], info["part"]] = seconds
+        else:
+            step[info["impl"]] = seconds
+    return step, part
+
+
+def interleaved(rounds=30, min_round_s=0.01):
+    """(step, part) seconds measured round-robin: each round times every case once (a
+    calibrated number of calls), and each case keeps its fastest round. On a machine that
+    other processes share, every case then sees the same load, and the fastest round is
+    the one least slowed by it."""
+    torch.set_num_threads(harness.THREADS)
+    token, position, caches = _step_inputs()
+    fns = {}
+    for impl in IMPLS:
+        model = _models()[impl]
+        fns[impl, None] = functools.partial(model, token, position, caches)
+        if impl in PART_IMPLS:
+            for name, fn in _parts(model, token, position, caches).items():
+                fns[impl, name] = fn
+    best, calls = {}, {}
+    with torch.no_grad():
+        for key, fn in fns.items():
+            for _ in range(3):
+                fn()
+            start = time.perf_counter()
+            fn()
+            calls[key] = max(1, int(min_round_s / (time.perf_counter() - start)))
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(calls[key]):
+                    fn()
+                best[key] = min(best.get(key, math.inf), (time.perf_counter() - start) / calls[key])
+    return ({impl: t for (impl, name), t in best.items() if name is None},
+            {key: t for key, t in best.items() if key[1] is not None})
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1], encoding="utf-8") as f:
-        print(split_table(json.load(f)))
+    if sys.argv[1:] == ["--interleaved"]:
+        print(split_table(*interleaved()))
+    else:
+        with open(sys.argv[1], encoding="utf-8") as f:
+            print(split_table(*from_json(json.load(f), *sys.argv[2:])))
