@@ -18,8 +18,9 @@ inputs, over all layers: ``projections`` (qkv and the output projection), ``atte
 ``embedding/head`` (both lookups, the final norm, the head). ``python bench_decoder.py
 results.json [min|median]`` prints the split table, the rest of a step (LayerNorms,
 residual adds, Python) being its total minus the parts; ``python bench_decoder.py
---interleaved`` measures every case round-robin instead (see :func:`interleaved`: the
-figures to trust on a machine shared with other processes).
+--interleaved [wall]`` measures every case round-robin instead, in this thread's CPU time
+(or wall time): see :func:`interleaved`, the figures to trust on a machine shared with
+other processes.
 """
 
 from __future__ import annotations
@@ -211,11 +212,12 @@ def from_json(data, stat="min"):
     return step, part
 
 
-def interleaved(rounds=30, min_round_s=0.01):
+def interleaved(rounds=30, min_round_s=0.01, clock=time.thread_time):
     """(step, part) seconds measured round-robin: each round times every case once (a
-    calibrated number of calls), and each case keeps its fastest round. On a machine that
-    other processes share, every case then sees the same load, and the fastest round is
-    the one least slowed by it."""
+    calibrated number of calls), and each case keeps its fastest round. ``clock``: this
+    thread's CPU time by default, which the other processes of a shared machine do not
+    inflate (one torch thread: every op runs on the calling thread), where wall time
+    counts every moment the thread waits for a core; ``time.perf_counter`` for wall time."""
     torch.set_num_threads(harness.THREADS)
     token, position, caches = _step_inputs()
     fns = {}
@@ -230,22 +232,23 @@ def interleaved(rounds=30, min_round_s=0.01):
         for key, fn in fns.items():
             for _ in range(3):
                 fn()
-            start = time.perf_counter()
+            start = clock()
             fn()
-            calls[key] = max(1, int(min_round_s / (time.perf_counter() - start)))
+            calls[key] = max(1, int(min_round_s / max(clock() - start, 1e-6)))
         for _ in range(rounds):
             for key, fn in fns.items():
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(calls[key]):
                     fn()
-                best[key] = min(best.get(key, math.inf), (time.perf_counter() - start) / calls[key])
+                best[key] = min(best.get(key, math.inf), (clock() - start) / calls[key])
     return ({impl: t for (impl, name), t in best.items() if name is None},
             {key: t for key, t in best.items() if key[1] is not None})
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--interleaved"]:
-        print(split_table(*interleaved()))
+    if sys.argv[1:2] == ["--interleaved"]:
+        wall = sys.argv[2:] == ["wall"]
+        print(split_table(*interleaved(clock=time.perf_counter if wall else time.thread_time)))
     else:
         with open(sys.argv[1], encoding="utf-8") as f:
             print(split_table(*from_json(json.load(f), *sys.argv[2:])))
