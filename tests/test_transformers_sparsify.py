@@ -37,11 +37,11 @@ def _kill(layer, rows=None, cols=None):
 
 
 def _attention(embed_dim=30, heads=5, bias=True, kdim=None, vdim=None, batch_first=False, add_bias_kv=False,
-               add_zero_attn=False, seed=0):
+               add_zero_attn=False, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     attention = sparsevd.SparseVDMultiheadAttention(embed_dim, heads, bias=bias, kdim=kdim, vdim=vdim,
                                                     batch_first=batch_first, add_bias_kv=add_bias_kv,
-                                                    add_zero_attn=add_zero_attn, log_sigma2_init=-40.0)
+                                                    add_zero_attn=add_zero_attn, log_sigma2_init=-40.0, dtype=dtype)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         if bias:
@@ -62,20 +62,24 @@ def _attention(embed_dim=30, heads=5, bias=True, kdim=None, vdim=None, batch_fir
 def _inputs(attention, length=7, source=6, batch=3, seed=3):
     generator = torch.Generator().manual_seed(seed)
     layout = (lambda n: (batch, n)) if attention.batch_first else (lambda n: (n, batch))
-    query = torch.randn(*layout(length), attention.embed_dim, generator=generator)
-    key = torch.randn(*layout(source), attention.kdim, generator=generator)
-    value = torch.randn(*layout(source), attention.vdim, generator=generator)
+    dtype = attention.out_proj.weight.dtype
+    query = torch.randn(*layout(length), attention.embed_dim, generator=generator, dtype=dtype)
+    key = torch.randn(*layout(source), attention.kdim, generator=generator, dtype=dtype)
+    value = torch.randn(*layout(source), attention.vdim, generator=generator, dtype=dtype)
     return query, key, value
 
 
 def _masks(attention, length, source, batch=3):
     padding = torch.zeros(batch, source, dtype=torch.bool)
     padding[0, -2:] = True
-    per_head = torch.randn(batch * attention.num_heads, length, source, generator=torch.Generator().manual_seed(5))
+    dtype = attention.out_proj.weight.dtype
+    per_head = torch.randn(batch * attention.num_heads, length, source, generator=torch.Generator().manual_seed(5),
+                           dtype=dtype)
     return {
         "none": {},
         "key_padding": {"key_padding_mask": padding},
-        "float 2-D": {"attn_mask": torch.randn(length, source, generator=torch.Generator().manual_seed(4))},
+        "float 2-D": {"attn_mask": torch.randn(length, source, generator=torch.Generator().manual_seed(4),
+                                               dtype=dtype)},
         "bool 2-D and padding": {"attn_mask": torch.ones(length, source, dtype=torch.bool).triu(1),
                                  "key_padding_mask": padding},
         "per head 3-D": {"attn_mask": per_head},
@@ -91,14 +95,16 @@ def _check(fast, model, args, kwargs, msg):
     with torch.no_grad():
         expected = model(*args, need_weights=False, **kwargs)[0]
         got = fast(*args, need_weights=False, **kwargs)[0]
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=msg)
+    tolerance = 1e-12 if expected.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, msg=msg)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("form", COST_MODELS)
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("bias", [True, False])
-def test_self_attention_removes_dead_heads_and_computes_the_eval_output(form, batch_first, bias):
-    attention = _attention(bias=bias, batch_first=batch_first)
+def test_self_attention_removes_dead_heads_and_computes_the_eval_output(form, batch_first, bias, dtype):
+    attention = _attention(bias=bias, batch_first=batch_first, dtype=dtype)
     fast = _sparsify(attention, cost_model=COST_MODELS[form])
     assert type(fast) is sparsevd.SparseMultiheadAttention
     assert fast.removed_heads == 2 and fast.kept_heads.tolist() == [0, 2, 4]
@@ -205,12 +211,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab=53, d=30, heads=3, layers=2, context=16, bias=True):
+    def __init__(self, vocab=53, d=30, heads=3, layers=2, context=16, bias=True, tied=False):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(context, d)
         self.blocks = nn.ModuleList(Block(d, heads, bias) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        if tied:
+            self.head.weight = self.tok.weight
 
     def forward(self, tokens, start=0, caches=None):
         x = self.tok(tokens) + self.pos(torch.arange(start, start + tokens.shape[1]))
@@ -252,10 +260,11 @@ def _pruned(model, share, seed=0):
 
 
 @pytest.mark.parametrize("form", COST_MODELS)
-@pytest.mark.parametrize("bias", [True, False])
-def test_kv_cache_decoding_loop_matches_the_full_eval_forward(form, bias):
+@pytest.mark.parametrize("bias, tied", [(True, False), (False, False), (True, True)])
+def test_kv_cache_decoding_loop_matches_the_full_eval_forward(form, bias, tied):
     torch.manual_seed(0)
-    model = _pruned(GPT(bias=bias), 0.9)
+    model = _pruned(GPT(bias=bias, tied=tied), 0.9)
+    assert (model.head.weight is model.tok.weight) == tied
     fast = sparsevd.sparsify(model, cost_model=COST_MODELS[form])
     assert type(fast.tok) is sparsevd.SparseEmbedding
     assert (type(fast.blocks[0].qkv) is sparsevd.SparseLinear) == (form == "csr")
