@@ -4,7 +4,7 @@ target: ≥ 3× dense at 95 % pruned, ≥ 1.5× ``torch.compile`` of dense, one 
 The decoder (``GPT``: token and position embeddings, ``LAYERS`` pre-norm blocks of a
 packed qkv projection, causal SDPA over a KV cache and a GELU MLP, a final LayerNorm and
 an untied head) runs one step: one new token ([1, 1] → [1, 1, d] inside) attending to
-``CACHED`` cached positions, under ``torch.no_grad()``. Cases:
+``CACHED`` cached positions of a preallocated cache, under ``torch.no_grad()``. Cases:
 
 - ``dense``: the plain torch model; ``dense-compile``: ``torch.compile`` of its step;
 - ``converted-eval-P``: ``sparsevd.convert`` of it with P % of every weight pruned (log σ²
@@ -53,18 +53,21 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
-    def attend(self, qkv, cache):
-        """Heads split, the new keys and values appended to ``cache`` ([k, v], each [b, h, T, hd]), SDPA."""
+    def attend(self, qkv, cache, start):
+        """Heads split, the new keys and values written into ``cache`` ([k, v], each [b, h,
+        context, hd], preallocated: a step allocates no cache) at ``start``, SDPA over the
+        positions so far (causal within the new ones, which start at 0 when there are several)."""
         b, t, three_d = qkv.shape
         q, k, v = qkv.view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
-        h = TF.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
-        return h.transpose(1, 2).reshape(b, t, three_d // 3), (k, v)
+        end = start + t
+        cache[0][:, :, start:end] = k
+        cache[1][:, :, start:end] = v
+        h = TF.scaled_dot_product_attention(q, cache[0][:, :, :end], cache[1][:, :, :end], is_causal=t > 1)
+        return h.transpose(1, 2).reshape(b, t, three_d // 3)
 
-    def forward(self, x, cache):
-        h, cache = self.attend(self.qkv(self.ln1(x)), cache)
-        x = x + self.proj(h)
-        return x + self.mlp(self.ln2(x)), cache
+    def forward(self, x, cache, start):
+        x = x + self.proj(self.attend(self.qkv(self.ln1(x)), cache, start))
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -74,15 +77,15 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("positions", torch.arange(context), persistent=False)
 
-    def forward(self, token, position, caches):
-        """One decoding step: logits [b, 1, vocab] and the caches grown by one position."""
-        x = self.tok(token) + self.pos(position)
-        new = []
+    def forward(self, tokens, start, caches):
+        """Logits [b, t, vocab] of ``tokens`` [b, t] at positions ``start``… (an int), their
+        keys and values written into ``caches`` (one [k, v] per block, see Block.attend)."""
+        x = self.tok(tokens) + self.pos(self.positions[start:start + tokens.shape[1]])
         for block, cache in zip(self.blocks, caches):
-            x, cache = block(x, cache)
-            new.append(cache)
-        return self.head(self.ln(x)), new
+            x = block(x, cache, start)
+        return self.head(self.ln(x))
 
 
 def _prune(model, percent, seed=0):
@@ -108,10 +111,11 @@ def _models():
 
 
 def _step_inputs():
+    """The step's token, its position (``CACHED`` positions before it) and the caches."""
     generator = torch.Generator().manual_seed(1)
     hd = D // HEADS
-    caches = [tuple(torch.randn(1, HEADS, CACHED, hd, generator=generator) for _ in range(2)) for _ in range(LAYERS)]
-    return torch.tensor([[7]]), torch.tensor([CACHED]), caches
+    caches = [[torch.randn(1, HEADS, CONTEXT, hd, generator=generator) for _ in range(2)] for _ in range(LAYERS)]
+    return torch.tensor([[7]]), CACHED, caches
 
 
 IMPLS = ["dense", "dense-compile"] + [f"{kind}-{p}" for p in PRUNED for kind in ("converted-eval", "sparsified")]
@@ -131,7 +135,7 @@ def test_decoder_step(benchmark, impl):
     # what the case must compute: the dense model, or the converted model it was sparsified from
     reference = _models()["dense" if impl.startswith("dense") else "converted-eval-" + impl.rsplit("-", 1)[1]]
     with torch.no_grad():
-        torch.testing.assert_close(run()[0], reference(token, position, caches)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(run(), reference(token, position, caches), rtol=1e-4, atol=1e-4)
     benchmark.group = "decoder step"
     harness.measure(benchmark, run, torch.device("cpu"), impl=impl, d=D, layers=LAYERS, cached=CACHED)
 
@@ -149,14 +153,14 @@ def _parts(model, token, position, caches):
 
     def attention():
         for block, qkv, cache in zip(blocks, qkvs, caches):
-            block.attend(qkv, cache)
+            block.attend(qkv, cache, position)
 
     def mlp():
         for block in blocks:
             block.mlp(x)
 
     def embedding_head():
-        model.tok(token) + model.pos(position)
+        model.tok(token) + model.pos(model.positions[position:position + 1])
         model.head(model.ln(x))
 
     return {"projections": projections, "attention": attention, "mlp": mlp, "embedding/head": embedding_head}
