@@ -153,7 +153,8 @@ def test_need_weights_is_refused_only_once_heads_were_removed():
     assert kept.removed_heads == 0
     for average in (True, False):
         with torch.no_grad():
-            expected, got = attention(x, x, x, average_attn_weights=average), kept(x, x, x, average_attn_weights=average)
+            expected = attention(x, x, x, average_attn_weights=average)
+            got = kept(x, x, x, average_attn_weights=average)
         for e, g in zip(expected, got):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
