@@ -106,7 +106,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
                    help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe; "
-                        "vit: a small vision transformer (4×4 patches, d 64, 3 encoder layers, mean pooling)")
+                        "vit: a small vision transformer (7×7 patches, d 64, 3 encoder layers, mean pooling)")
     p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
                    help="sbp: the dense network with SBP on the output channels of the convolutions and the inputs "
                         "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places; "

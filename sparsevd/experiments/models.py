@@ -81,8 +81,8 @@ class MeanTokens(nn.Module):
         return x.mean(1)
 
 
-def vit(bayesian=True, d=64, heads=4, layers=3, patch=4, mlp=128):
-    """A vision transformer for 28×28 images: 4×4 patches (49 tokens) embedded to ``d``,
+def vit(bayesian=True, d=64, heads=4, layers=3, patch=7, mlp=128):
+    """A vision transformer for 28×28 images: 7×7 patches (16 tokens) embedded to ``d``,
     ``layers`` pre-norm encoder layers (GELU MLP of width ``mlp``, no dropout), a final
     LayerNorm, mean pooling over the tokens and a linear head to 10 classes. Sized so that
     a dense run and a SparseVD run from it, with fine-tuning, fit in about an hour on two
@@ -144,7 +144,7 @@ def build(name, method, sbp_threshold=1.0):
 
 MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe, "vit": vit}
 NETWORK_NAMES = {"lenet300": "LeNet-300-100", "mlp500": "MLP 784-500-300-10", "lenet5": "LeNet-5-Caffe",
-                 "vit": "ViT (4×4 patches, d 64, 3 layers)"}
+                 "vit": "ViT (7×7 patches, d 64, 3 layers)"}
 #: Networks whose results split the sparsity by :func:`part`.
 TRANSFORMERS = {"vit"}
 METHOD_NAMES = {"dense": "dense", "sparsevd": "SparseVD", "sbp": "SBP", "sparsevd+sbp": "SparseVD + SBP",
