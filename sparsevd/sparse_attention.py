@@ -141,7 +141,7 @@ class SparseMultiheadAttention(_MultiheadAttention):
         if isinstance(layer, nn.Linear):
             bias = None if layer.bias is None else layer.bias[i * width:(i + 1) * width]
             return TF.linear(x, layer.weight[i * width:(i + 1) * width], bias)
-        key = tuple((b.data_ptr(), b._version) for b in layer.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in (*layer.buffers(), *layer.parameters()))
         if self._blocks is None or self._blocks[0] != key:
             weight = layer.to_dense()
             bias = layer.bias
