@@ -14,6 +14,7 @@ from .layers import SparseVDLinear, SparseVDModule
 from .report import Report, report
 from .sbp import SBPDropout, sbp_modules
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
+from .sparse_attention import SparseMultiheadAttention
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
 from .training import (KLWarmup, SGVLBLoss, compression, freeze_masks, kl_divergence, sgvlb, sparsevd_modules,
@@ -37,6 +38,7 @@ __all__ = [
     "SparseVDTransformerEncoderLayer",
     "SparseVDEmbedding",
     "SparseEmbedding",
+    "SparseMultiheadAttention",
     "predict",
     "Prediction",
     "SparseLinear",

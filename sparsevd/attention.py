@@ -37,7 +37,134 @@ def _positive_int(op, name, value):
     return value
 
 
-class SparseVDMultiheadAttention(nn.Module):
+class _MultiheadAttention(nn.Module):
+    """What ``nn.MultiheadAttention``'s slow path computes, around projections that
+    subclasses supply (:meth:`_project`, ``out_proj``), on the heads :meth:`_kept_heads`
+    names: all of them here, those left once :func:`sparsevd.sparsify` has removed heads
+    that contribute nothing."""
+
+    def _kept_heads(self):
+        """The indices of the heads that run (int64), or None when all of them do."""
+        return None
+
+    def _project(self, query, key, value):
+        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """As ``nn.MultiheadAttention.forward`` (see its documentation for the shapes):
+        ``(attention output, attention weights or None)``."""
+        op = type(self).__name__
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        try:
+            is_batched = TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        except AssertionError as error:
+            raise ValueError(f"{op}: {error}") from None
+        if is_batched and self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        elif not is_batched:
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.shape[-1] != width:
+                raise ValueError(f"{op}: {name} must have {width} features in its last dimension, got shape "
+                                 f"{tuple(t.shape)}")
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"{op}: key and value must have the same sequence length and batch, got shapes "
+                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        tgt_len, bsz, _ = query.shape
+        kept = self._kept_heads()
+        heads, head_dim = self.num_heads if kept is None else kept.numel(), self.head_dim
+        if need_weights and kept is not None:
+            raise ValueError(f"{op}: need_weights=True: sparsify() removed {self.num_heads - heads} of the "
+                             f"{self.num_heads} heads (their outputs were all pruned), whose attention weights "
+                             "can no longer be computed; pass need_weights=False, or sparsify with shrink=False")
+
+        # the masks as torch's slow path reads them (F.multi_head_attention_forward)
+        key_padding_mask = TF._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                              other_type=TF._none_or_dtype(attn_mask), other_name="attn_mask",
+                                              target_type=query.dtype)
+        if is_causal and attn_mask is None:
+            raise ValueError(f"{op}: is_causal=True is a hint that attn_mask is the causal mask, so it needs attn_mask "
+                             "(nn.Transformer.generate_square_subsequent_mask makes one), as nn.MultiheadAttention "
+                             "does")
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # F.scaled_dot_product_attention applies the causal mask itself
+        else:
+            attn_mask = TF._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                           target_type=query.dtype, check_other=False)
+            if key_padding_mask is not None:
+                is_causal = False
+        src_len = key.shape[0]
+        if attn_mask is not None:
+            per_head = (bsz * self.num_heads, tgt_len, src_len)
+            expected = (tgt_len, src_len) if attn_mask.dim() == 2 else per_head
+            if attn_mask.dim() not in (2, 3) or attn_mask.shape != expected:
+                raise ValueError(f"{op}: attn_mask must have shape (L, S) = {(tgt_len, src_len)} or (N·num_heads, "
+                                 f"L, S) = {per_head}, got {tuple(attn_mask.shape)}")
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+            elif kept is not None:  # the kept heads' masks
+                attn_mask = (attn_mask.view(bsz, self.num_heads, tgt_len, src_len)[:, kept]
+                             .reshape(bsz * heads, tgt_len, src_len))
+        if key_padding_mask is not None and key_padding_mask.shape != (bsz, src_len):
+            raise ValueError(f"{op}: key_padding_mask must have shape (N, S) = {(bsz, src_len)} (or (S,) for an "
+                             f"unbatched input), got {tuple(key_padding_mask.shape)}")
+
+        q, k, v = self._project(query, key, value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
+        q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
+        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        if self.add_zero_attn:
+            zeros = torch.zeros(bsz * heads, 1, head_dim, dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
+        src_len = k.shape[1]
+        if key_padding_mask is not None:
+            key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
+                                .reshape(bsz * heads, 1, src_len))
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        dropout_p = self.dropout if self.training else 0.0
+
+        if need_weights:
+            scores = q * math.sqrt(1.0 / float(head_dim))
+            if attn_mask is not None:
+                scores = torch.baddbmm(attn_mask, scores, k.transpose(-2, -1))
+            else:
+                scores = torch.bmm(scores, k.transpose(-2, -1))
+            weights = torch.softmax(scores, dim=-1)
+            if dropout_p > 0.0:
+                weights = TF.dropout(weights, p=dropout_p)
+            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, heads * head_dim)
+            weights = weights.view(bsz, heads, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            if attn_mask is not None:
+                attn_mask = (attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1
+                             else attn_mask.view(bsz, heads, -1, src_len))
+            q, k, v = (t.view(bsz, heads, -1, head_dim) for t in (q, k, v))
+            out = TF.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+            out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, heads * head_dim)
+            weights = None
+        out = self.out_proj(out).view(tgt_len, bsz, -1)
+        if not is_batched:
+            out = out.squeeze(1)
+            weights = None if weights is None else weights.squeeze(0)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+class SparseVDMultiheadAttention(_MultiheadAttention):
     """Drop-in replacement for :class:`torch.nn.MultiheadAttention` whose projections are
     :class:`~sparsevd.SparseVDLinear` layers.
 
@@ -150,111 +277,6 @@ class SparseVDMultiheadAttention(nn.Module):
         if attention.in_proj_weight is not None:
             return attention.in_proj_weight.chunk(3)
         return attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        """As ``nn.MultiheadAttention.forward`` (see its documentation for the shapes):
-        ``(attention output, attention weights or None)``."""
-        op = type(self).__name__
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        try:
-            is_batched = TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
-        except AssertionError as error:
-            raise ValueError(f"{op}: {error}") from None
-        if is_batched and self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        elif not is_batched:
-            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
-            if t.shape[-1] != width:
-                raise ValueError(f"{op}: {name} must have {width} features in its last dimension, got shape "
-                                 f"{tuple(t.shape)}")
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"{op}: key and value must have the same sequence length and batch, got shapes "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
-        tgt_len, bsz, _ = query.shape
-        heads, head_dim = self.num_heads, self.head_dim
-
-        # the masks as torch's slow path reads them (F.multi_head_attention_forward)
-        key_padding_mask = TF._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
-                                              other_type=TF._none_or_dtype(attn_mask), other_name="attn_mask",
-                                              target_type=query.dtype)
-        if is_causal and attn_mask is None:
-            raise ValueError(f"{op}: is_causal=True is a hint that attn_mask is the causal mask, so it needs attn_mask "
-                             "(nn.Transformer.generate_square_subsequent_mask makes one), as nn.MultiheadAttention "
-                             "does")
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None  # F.scaled_dot_product_attention applies the causal mask itself
-        else:
-            attn_mask = TF._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
-                                           target_type=query.dtype, check_other=False)
-            if key_padding_mask is not None:
-                is_causal = False
-        src_len = key.shape[0]
-        if attn_mask is not None:
-            expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * heads, tgt_len, src_len)
-            if attn_mask.dim() not in (2, 3) or attn_mask.shape != expected:
-                raise ValueError(f"{op}: attn_mask must have shape (L, S) = {(tgt_len, src_len)} or (N·num_heads, "
-                                 f"L, S) = {(bsz * heads, tgt_len, src_len)}, got {tuple(attn_mask.shape)}")
-            if attn_mask.dim() == 2:
-                attn_mask = attn_mask.unsqueeze(0)
-        if key_padding_mask is not None and key_padding_mask.shape != (bsz, src_len):
-            raise ValueError(f"{op}: key_padding_mask must have shape (N, S) = {(bsz, src_len)} (or (S,) for an "
-                             f"unbatched input), got {tuple(key_padding_mask.shape)}")
-
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
-            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
-        q = q.reshape(tgt_len, bsz * heads, head_dim).transpose(0, 1)
-        k = k.reshape(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        v = v.reshape(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
-        if self.add_zero_attn:
-            zeros = torch.zeros(bsz * heads, 1, head_dim, dtype=k.dtype, device=k.device)
-            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
-            attn_mask = None if attn_mask is None else TF.pad(attn_mask, (0, 1))
-            key_padding_mask = None if key_padding_mask is None else TF.pad(key_padding_mask, (0, 1))
-        src_len = k.shape[1]
-        if key_padding_mask is not None:
-            key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
-                                .reshape(bsz * heads, 1, src_len))
-            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
-        dropout_p = self.dropout if self.training else 0.0
-
-        if need_weights:
-            scores = q * math.sqrt(1.0 / float(head_dim))
-            if attn_mask is not None:
-                scores = torch.baddbmm(attn_mask, scores, k.transpose(-2, -1))
-            else:
-                scores = torch.bmm(scores, k.transpose(-2, -1))
-            weights = torch.softmax(scores, dim=-1)
-            if dropout_p > 0.0:
-                weights = TF.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, self.embed_dim)
-            weights = weights.view(bsz, heads, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            if attn_mask is not None:
-                attn_mask = (attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1
-                             else attn_mask.view(bsz, heads, -1, src_len))
-            q, k, v = (t.view(bsz, heads, -1, head_dim) for t in (q, k, v))
-            out = TF.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-            out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
-            weights = None
-        out = self.out_proj(out).view(tgt_len, bsz, -1)
-        if not is_batched:
-            out = out.squeeze(1)
-            weights = None if weights is None else weights.squeeze(0)
-        elif self.batch_first:
-            out = out.transpose(0, 1)
-        return out, weights
 
     def extra_repr(self):
         s = f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"

@@ -137,9 +137,11 @@ class SparseLinear(nn.Module):
             raise ValueError(
                 f"SparseLinear: expected input of shape [*, {self.in_features}], got {tuple(input.shape)}"
             )
-        # the op's own checks name dtype and device problems; it takes 2-D inputs
-        return F.csr_linear(input, crow, col, buffers["values"], self.bias, row_order=buffers["row_order"],
-                            validate=False)
+        # [*, in] as the op's 2-D [rows, in] (a transformer's [batch, tokens, d]: the decoding step's [1, 1, d]
+        # would otherwise pay functional.csr_linear's Python checks, which the op makes itself)
+        y = _csr_linear(input.reshape(-1, self.in_features), crow, col, buffers["values"], self._parameters["bias"],
+                        buffers["row_order"])
+        return y.view(*input.shape[:-1], self.out_features)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         name = prefix.rstrip(".") or type(self).__name__

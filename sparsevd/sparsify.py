@@ -21,11 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import SparseVDMultiheadAttention
 from .conv import _SparseVDConvNd
+from .embedding import SparseEmbedding, SparseVDEmbedding
 from .inference import FusedSequential
 from .layers import SparseVDLinear
 from .report import kept_weights
 from .sbp import SBPDropout
+from .sparse_attention import SparseMultiheadAttention
 from .shapes import output_positions
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 
@@ -122,12 +125,22 @@ def _masked_dense(layer):
         return _dense_like(layer, layer.weight * layer.mask(), layer.bias, origin=True)
 
 
-def _replace_sparsevd(module):
+#: SparseVD layers with an inference module of their own, built by f(layer, shrink); the
+#: linear layers inside it are marked for _choose_forms.
+INFERENCE_FORMS = {
+    SparseVDMultiheadAttention: SparseMultiheadAttention.from_sparsevd,
+    SparseVDEmbedding: lambda layer, shrink: SparseEmbedding.from_sparsevd(layer),
+}
+
+
+def _replace_sparsevd(module, shrink):
     for name, child in module.named_children():
         if isinstance(child, (SparseVDLinear, _SparseVDConvNd)):
             setattr(module, name, _masked_dense(child))
+        elif type(child) in INFERENCE_FORMS:
+            setattr(module, name, INFERENCE_FORMS[type(child)](child, shrink))
         else:
-            _replace_sparsevd(child)
+            _replace_sparsevd(child, shrink)
 
 
 def _dense_like(layer, weight, bias, origin):
@@ -416,7 +429,7 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
             return sparsify(model, batch_size, cost_model, shrink, input_shape)
     cost_model = cost_model or CostModel()
     inference = copy.deepcopy(model).eval()
-    _replace_sparsevd(inference)
+    _replace_sparsevd(inference, shrink)
     _fold_sbp(inference)
     positions = {} if input_shape is None else output_positions(inference, input_shape, _CONVS)
     if shrink:

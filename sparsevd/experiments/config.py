@@ -12,7 +12,7 @@ import sparsevd
 
 from . import data, distributed
 from .distributed import SINGLE
-from .models import METHODS, MODELS
+from .models import METHODS, MODELS, TRANSFORMERS
 
 #: Settings that define a run: a checkpoint resumes only the run that wrote it. The number
 #: of processes is one of them: another one would split the batches and draw the noise
@@ -48,8 +48,9 @@ WARMUP_FRACTIONS = (5 / 200, 20 / 200)
 MIN_RAMP_STEPS = 100
 
 DESCRIPTION = """\
-Train LeNet-300-100, the MLP 784-500-300-10, LeNet-5-Caffe or ResNet-8, dense, with Sparse VD, with
-Structured Bayesian Pruning (SBP) or with both, on MNIST-5k, Fashion-MNIST or any
+Train LeNet-300-100, the MLP 784-500-300-10, LeNet-5-Caffe or ResNet-8, dense, with Sparse VD,
+with Structured Bayesian Pruning (SBP) or with both, or a small vision transformer (--model vit,
+dense or SparseVD), on MNIST-5k, Fashion-MNIST or any
 directory of MNIST-format IDX files, and report what the papers report:
 
     sparsevd-train --model lenet300 --dataset fashion-mnist --out runs/fmnist-300
@@ -57,6 +58,9 @@ directory of MNIST-format IDX files, and report what the papers report:
     sparsevd-train --model lenet5 --method sbp --dataset fashion-mnist --init-from runs/l5-dense --out runs/l5-sbp
     sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \
         --target-compression 100 --finetune-epochs 15 --out runs/l5-magnitude
+    sparsevd-train --model vit --method dense --dataset fashion-mnist --epochs 10 --out runs/vit-dense
+    sparsevd-train --model vit --dataset fashion-mnist --init-from runs/vit-dense --epochs 10 \
+        --finetune-epochs 3 --out runs/vit-sparsevd
     sparsevd-compare runs/l5-* --out runs/l5-compare
 
 Defaults follow the authors' recipes. SparseVD: Adam 1e-3, batch 100, 200 epochs,
@@ -102,7 +106,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="sparsevd-train", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), default="lenet300",
                    help="lenet300: 784-300-100-10; mlp500: 784-500-300-10 (the SBP paper's); lenet5: LeNet-5-Caffe; "
-                        "resnet: ResNet-8 (16-32-64 channels, BatchNorm; SBP inside each block)")
+                        "resnet: ResNet-8 (16-32-64 channels, BatchNorm; SBP inside each block); "
+                        "vit: a small vision transformer (7×7 patches, d 64, 3 encoder layers, mean pooling)")
     p.add_argument("--method", choices=tuple(METHODS), default="sparsevd",
                    help="sbp: the dense network with SBP on the output channels of the convolutions and the inputs "
                         "of the fully-connected layers; sparsevd+sbp: SparseVD layers with SBP at the same places; "
@@ -243,6 +248,9 @@ def check_config(c, world=SINGLE):
         raise ValueError(f"--adam-beta1 must be in [0, 1), got {c.adam_beta1}")
     if not 0 < c.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in (0, 1), got {c.val_fraction}")
+    if c.model in TRANSFORMERS and c.method not in ("dense", "sparsevd"):
+        raise ValueError(f"--model {c.model} trains with --method dense or sparsevd (SBP and magnitude pruning are "
+                         f"set up for the Sequential networks' layers), got --method {c.method}")
     _check_thresholds(c, sparse_vd, sbp)
     _check_magnitude(c)
     _check_finetune(c)

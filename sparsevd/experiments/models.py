@@ -1,8 +1,8 @@
 """The papers' networks, as ``nn.Sequential`` so that :func:`sparsevd.sparsify` can cut
 their dead units: LeNet-300-100, the MLP 784-500-300-10 and LeNet-5-Caffe, dense,
-SparseVD, with Structured Bayesian Pruning (SBP), or both; and a class-style ResNet with
+SparseVD, with Structured Bayesian Pruning (SBP), or both; a class-style ResNet with
 BatchNorm for 28×28 inputs (:class:`ResNet`, ``resnet``: ResNet-8), the kind of model users
-bring.
+bring; and a small vision transformer (:func:`vit`), dense or SparseVD.
 
 All take images ``[N, 1, 28, 28]`` (the MLPs also take flat ``[N, 784]``).
 
@@ -22,9 +22,11 @@ convolutions only.)
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsevd
 from sparsevd import SBPDropout, SparseVDConv2d, SparseVDLinear
 
 #: --method: (SparseVD layers?, SBP layers?). Magnitude pruning trains the dense network
@@ -115,6 +117,65 @@ def resnet8(bayesian=True):
     return ResNet((1, 1, 1), (16, 32, 64), bayesian=bayesian)
 
 
+class PatchEmbedding(nn.Module):
+    """Non-overlapping ``patch``×``patch`` patches of a [N, 1, 28, 28] image, each projected to
+    ``d`` features (a convolution of stride ``patch``), plus a learned position embedding
+    (a parameter, as in ViT: it is added, not a weight that multiplies, and not pruned):
+    [N, tokens, d]."""
+
+    def __init__(self, d, patch, image=28):
+        super().__init__()
+        if image % patch:
+            raise ValueError(f"PatchEmbedding: patch {patch} does not divide the image size {image}")
+        self.proj = nn.Conv2d(1, d, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2, d) * 0.02)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+
+class MeanTokens(nn.Module):
+    """[N, tokens, d] → [N, d]: the mean over the tokens (ViT's pooling without a class token)."""
+
+    def forward(self, x):
+        return x.mean(1)
+
+
+def vit(bayesian=True, d=64, heads=4, layers=3, patch=7, mlp=128):
+    """A vision transformer for 28×28 images: 7×7 patches (16 tokens) embedded to ``d``,
+    ``layers`` pre-norm encoder layers (GELU MLP of width ``mlp``, no dropout), a final
+    LayerNorm, mean pooling over the tokens and a linear head to 10 classes. Sized so that
+    a dense run and a SparseVD run from it, with fine-tuning, fit in about an hour on two
+    CPU cores. SparseVD layers when ``bayesian`` (:func:`sparsevd.convert` of the dense
+    network: the same parameter names, so a dense run's state dict loads into it)."""
+    layer = nn.TransformerEncoderLayer(d, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True)
+    model = nn.Sequential(PatchEmbedding(d, patch), nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+                          nn.LayerNorm(d), MeanTokens(), nn.Linear(d, 10))
+    return sparsevd.convert(model) if bayesian else model
+
+
+#: The parts of a transformer whose sparsity the results give apart, by the layer's name.
+PARTS = {"self_attn": "attention", "linear1": "MLP", "linear2": "MLP", "proj": "embedding"}
+
+
+def part(layer_name):
+    """The part of :func:`vit` a layer (by name) belongs to: attention, MLP, embedding or head."""
+    return next((p for key, p in PARTS.items() if key in layer_name.split(".")), "head")
+
+
+def sparsity_by_part(rows):
+    """{part: {"kept", "total", "sparsity"}} of the per-layer rows of :func:`.measure.structure`."""
+    parts = {}
+    for r in rows:
+        p = parts.setdefault(part(r["layer"]), {"kept": 0, "total": 0})
+        p["kept"] += r["kept"]
+        p["total"] += r["total"]
+    for p in parts.values():
+        p["sparsity"] = 1 - p["kept"] / p["total"]
+    return parts
+
+
 def with_sbp(model, threshold=1.0):
     """``model`` (an ``nn.Sequential``) with an :class:`SBPDropout` after every convolution
     (on its output channels, before the activation, as the authors place it) and before
@@ -144,8 +205,11 @@ def build(name, method, sbp_threshold=1.0):
     return with_sbp(model, sbp_threshold) if sbp else model
 
 
-MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe, "resnet": resnet8}
+MODELS = {"lenet300": lenet_300_100, "mlp500": mlp_500_300, "lenet5": lenet5_caffe, "resnet": resnet8,
+          "vit": vit}
 NETWORK_NAMES = {"lenet300": "LeNet-300-100", "mlp500": "MLP 784-500-300-10", "lenet5": "LeNet-5-Caffe",
-                 "resnet": "ResNet-8"}
+                 "resnet": "ResNet-8", "vit": "ViT (7×7 patches, d 64, 3 layers)"}
+#: Networks whose results split the sparsity by :func:`part`.
+TRANSFORMERS = {"vit"}
 METHOD_NAMES = {"dense": "dense", "sparsevd": "SparseVD", "sbp": "SBP", "sparsevd+sbp": "SparseVD + SBP",
                 "magnitude": "magnitude pruning"}

@@ -193,6 +193,10 @@ def results_markdown(s, rep, dense=None):
         kl = f" KL weight {s['kl_weight']:g}." if s["kl_weight"] is not None else ""
         lines += ["", f"Kept: {' and '.join(kept)}; the {epochs} of train.log count them{during}.{kl} Per layer (a "
                   "weight counts as kept when its units are kept too):", "", "```", str(rep), "```"]
+        if s.get("parts"):
+            lines += ["", "Sparsity by part: " + ", ".join(
+                f"{name} {100 * p['sparsity']:.1f}% ({p['kept']:,} of {p['total']:,} kept)"
+                for name, p in s["parts"].items()) + "."]
         if s["units"]:
             lines += ["", "Units kept per SBP layer: " + ", ".join(
                 f"layer {u['layer']} {u['kept']} of {u['total']}" for u in s["units"]) + "."]

@@ -15,7 +15,7 @@ from sparsevd.training import collapse_message
 
 from . import loop, measure, plots, render, thresholds
 from .loop import chance, error_rate, sbp_units
-from .models import METHODS, NETWORK_NAMES
+from .models import METHODS, NETWORK_NAMES, TRANSFORMERS, sparsity_by_part
 
 
 def read_summary(run_dir, model):
@@ -94,6 +94,7 @@ def write_results(c, command, model, data, data_name, history, snapshots, warnin
         "layers": [{k: r[k] for k in ("layer", "sparsity", "kept", "total", "units", "units_total")} for r in rows]
                   if pruning else [],
         "units": sparsevd.report(model).units,
+        "parts": sparsity_by_part(rows) if pruning and c.model in TRANSFORMERS else None,
         "kept": kept, "total": total,
         "compression": total / kept if kept else math.inf,
         "flops": {k: sum(r[f"flops_{k}"] for r in rows) for k in ("dense", "units", "nonzero")},
