@@ -1,0 +1,662 @@
+"""sparsify's graph path: the whole model as one torch.fx graph, rewritten.
+
+The model is traced with torch.fx; torch layers, SparseVD and SBPDropout layers and
+every module of this package are leaves (called, not traced into), and so is a submodule
+whose ``forward`` fx cannot trace (a warning names it; nothing is cut across it). If the
+model's own ``forward`` cannot be traced, sparsify falls back to the per-module path.
+Then, on the graph:
+
+1. **BatchNorm** in eval mode (running statistics) that alone reads a convolution's or
+   linear layer's output is folded into that layer's weight and bias: the same affine map.
+2. **SBPDropout**: its eval multiplier s = E[θ]·mask ≥ 0 per unit is folded into the
+   output rows of the layer before it (through ReLU, LeakyReLU, max/average pooling and
+   dropout, which commute with a per-unit s ≥ 0), or into the input columns of every
+   layer that reads it (also through a flatten); a BatchNorm it then reads directly is
+   folded too. One that can be folded nowhere stays, computing what it did.
+3. **Dead units.** The graph's tensors fall into *channel spaces*: a layer's output units
+   and every tensor that carries them one for one (elementwise activations, pooling,
+   padding of the spatial dimensions, BatchNorm, dropout, arithmetic with a number, a
+   flatten of ``[N, C, ...]`` to ``[N, C·…]`` (each unit a block of features), and
+   ``+``/``-`` of two such tensors, which joins their spaces: in a residual block the
+   shortcut and the block's last layer share one). A space can be cut only where every
+   tensor in it comes from its layers through those operations and every reader outside
+   it is a linear layer or convolution (groups 1) reading whole units; a space read by
+   anything else (another op, the model's output) keeps all its units. Then:
+
+   - a layer output unit whose weights are all zero is a constant (its bias) everywhere,
+     and stays one through the space's operations (average pooling that counts zero
+     padding and padding with another value break it; those units count as varying);
+   - a constant unit c read by a linear layer, or a convolution whose padding repeats
+     the input (none, ``reflect``, ``replicate``, ``circular``), adds W[:, k]·c (summed
+     over the kernel and the flattened block) to the reader's bias, and the reader stops
+     reading it. A zero-padding convolution reads c at interior positions and 0 at the
+     borders, so it absorbs only c = 0 (a unit that is zero everywhere, padding included);
+   - a unit that no reader reads (all its columns zero) is cut from every tensor in the
+     space: the producing layers' rows, the BatchNorms' statistics, the readers' columns.
+     It changes no value anyone reads, so the cut is exact. A residual add keeps a unit as
+     long as any reader of either side, or of the sum, reads it.
+
+   This repeats until nothing changes (a reader that lost its inputs becomes constant).
+4. Each SparseVD layer becomes CSR or dense by the cost model (convolutions only with
+   ``input_shape``, which gives their output positions).
+5. Chains of linear layers (CSR or dense) and elementwise activations, each tensor on the
+   way read by the next step only, run as one ``linear_chain`` op: a
+   :class:`~sparsevd.FusedSequential` module in the graph.
+
+Ranks: without ``input_shape`` a convolution's input is taken to be batched ``[N, C, ...]``
+(as for ``nn.Sequential``), and BatchNorm after a linear layer is not folded (its units
+are dimension 1 only for 2-D inputs); with it, the shapes of one example decide.
+Every module replaced is checked with :func:`sparsevd.plain.runs_as`: a subclass, a hook,
+or a parametrization keeps a module opaque, run as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections import OrderedDict, defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .._warnings import warn
+from ..inference import _ACTIVATIONS, FusedSequential
+from ..plain import runs_as
+from ..report import kept_weights
+from ..sbp import SBPDropout
+from ..sparse import SparseLinear
+from .sequential import (_BATCHNORMS, _CONVS, _SPARSE_CONV, CHANNELWISE, ELEMENTWISE, _dense_like, _fold_batchnorm,
+                         _preserves_constants)
+
+_LAYERS = (nn.Linear, *_CONVS)
+_POOLS = tuple(t for t in CHANNELWISE if t not in ELEMENTWISE)
+#: Functions and methods applied to each element alone.
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, F.relu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu, F.leaky_relu, F.relu6, F.elu,
+    F.hardtanh, F.softplus, F.mish, F.hardswish, F.hardsigmoid, torch.nn.functional.relu_,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clone", "contiguous"}
+#: f(s·x) = s·f(x) for s ≥ 0: an SBP multiplier moves through them.
+_HOMOGENEOUS_FUNCTIONS = {torch.relu, F.relu, F.leaky_relu, torch.nn.functional.relu_}
+_HOMOGENEOUS_METHODS = {"relu", "relu_", "clone", "contiguous"}
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_MAX_POOLS = {F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
+              F.adaptive_avg_pool2d}
+_AVG_POOLS = {F.avg_pool1d, F.avg_pool2d}
+_ARITHMETIC = {operator.add: torch.add, operator.iadd: torch.add, torch.add: torch.add, "add": torch.add,
+               operator.sub: torch.sub, operator.isub: torch.sub, torch.sub: torch.sub, "sub": torch.sub,
+               operator.mul: torch.mul, operator.imul: torch.mul, torch.mul: torch.mul, "mul": torch.mul,
+               operator.truediv: torch.div, torch.div: torch.div, "div": torch.div}
+#: Activation functions the chain op runs, as the module that computes them.
+_ACTIVATION_FUNCTIONS = {
+    torch.relu: lambda kw: nn.ReLU(), F.relu: lambda kw: nn.ReLU(), "relu": lambda kw: nn.ReLU(),
+    torch.tanh: lambda kw: nn.Tanh(), F.tanh: lambda kw: nn.Tanh(), "tanh": lambda kw: nn.Tanh(),
+    torch.sigmoid: lambda kw: nn.Sigmoid(), F.sigmoid: lambda kw: nn.Sigmoid(), "sigmoid": lambda kw: nn.Sigmoid(),
+    F.silu: lambda kw: nn.SiLU(), F.relu6: lambda kw: nn.ReLU6(),
+    F.gelu: lambda kw: nn.GELU(approximate=kw.get("approximate", "none")),
+    F.leaky_relu: lambda kw: nn.LeakyReLU(kw.get("negative_slope", 0.01)),
+}
+_ACTIVATION_KWARGS = {F.gelu: ("approximate",), F.leaky_relu: ("negative_slope",), F.relu: ("inplace",)}
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: torch and sparsevd modules (except containers) and the submodules in
+    ``opaque``; records which module's forward it is tracing, to name one that fails."""
+
+    def __init__(self, opaque):
+        super().__init__()
+        self.opaque = opaque
+        self.path = []
+
+    def is_leaf_module(self, m, qualified_name):
+        if id(m) in self.opaque or type(m).__module__.startswith("sparsevd."):
+            return type(m) is not FusedSequential
+        return super().is_leaf_module(m, qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        self.path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.path.pop()
+
+
+def _trace(model):
+    """The fx GraphModule of ``model``, submodules that fx cannot trace kept as leaves (a
+    warning each); None (and a warning) if the model's own forward cannot be traced."""
+    opaque = set()
+    modules = dict(model.named_modules())
+    while True:
+        tracer = _Tracer(opaque)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = tracer.trace(model)
+            return fx.GraphModule(model, graph)
+        except Exception as error:  # noqa: BLE001 -- whatever stops fx names the part it stopped in
+            failed = next((p for p in reversed(tracer.path) if p and id(modules.get(p)) not in opaque), None)
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if failed is None:
+                warn(f"sparsify: torch.fx cannot trace {type(model).__name__}.forward ({reason}); falling back to "
+                     "the per-module path (only the nn.Sequential parts of the model are sparsified)")
+                return None
+            warn(f"sparsify: torch.fx cannot trace {failed} ({type(modules[failed]).__name__}: {reason}); it runs "
+                 "as it is and nothing is cut across it")
+            opaque.add(id(modules[failed]))
+
+
+def _module(gm, node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _set_module(gm, target, module, calls):
+    parent, _, name = target.rpartition(".")
+    calls[id(module)] = calls[id(gm.get_submodule(target))]
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def _is(node, function=None, method=None):
+    return (node.op == "call_function" and node.target in (function or ())) or (
+        node.op == "call_method" and node.target in (method or ()))
+
+
+def _constant_args(node):
+    """True if only the first argument of ``node`` is a graph value."""
+    rest = list(node.args[1:]) + list(node.kwargs.values())
+    found = []
+    fx.node.map_arg(rest, found.append)
+    return bool(node.args) and isinstance(node.args[0], fx.Node) and not found
+
+
+def _shape(node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+class _Graph:
+    """The rewrite of one traced model."""
+
+    def __init__(self, gm, shapes):
+        self.gm, self.shapes = gm, shapes
+        self.calls = defaultdict(int)  # module -> call sites
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                self.calls[id(_module(gm, node))] += 1
+
+    # -- what a node is ------------------------------------------------------------------
+
+    def layer(self, node):
+        """The linear layer or convolution (groups 1) ``node`` calls alone, or None."""
+        m = _module(self.gm, node)
+        if m is None or not runs_as(m, _LAYERS) or self.calls[id(m)] != 1 or getattr(m, "groups", 1) != 1:
+            return None
+        return m if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node) else None
+
+    def linear_dims_is_last(self, node):
+        """True if the tensor of ``node`` (a linear layer's units on its last dimension) has
+        them on dimension 1 too: known 2-D."""
+        shape = _shape(node)
+        return shape is not None and len(shape) == 2
+
+    def flattens(self, node):
+        """True if ``node`` flattens each example [N, C, ...] to [N, C·...]."""
+        if isinstance(_module(self.gm, node), nn.Flatten):
+            m = _module(self.gm, node)
+            return runs_as(m, (nn.Flatten,)) and (m.start_dim, m.end_dim) == (1, -1)
+        if _is(node, {torch.flatten}, {"flatten"}) and _constant_args(node):
+            dims = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+            return dims in ([1], [1, -1])
+        if _is(node, {torch.reshape}, {"view", "reshape"}) and self.shapes:
+            before, after = _shape(node.args[0]), _shape(node)
+            return (before is not None and after is not None and len(before) > 2 and len(after) == 2
+                    and after[0] == before[0] and after[1] == torch.Size(before[1:]).numel())
+        return False
+
+    def channelwise(self, node, kind):
+        """For ``node`` acting on each unit of a ``kind`` ('linear': units last, 'conv':
+        units on dimension 1) space alone: f(constants per unit) -> constants (NaN: not
+        constant); None if it does not."""
+        m = _module(self.gm, node)
+        if m is not None:
+            if len(node.args) != 1 or node.kwargs:
+                return None
+            if runs_as(m, ELEMENTWISE):
+                return m
+            if kind == "conv" and runs_as(m, _POOLS):
+                return (lambda c: c) if _preserves_constants(m) else (lambda c: torch.full_like(c, float("nan")))
+            if self._bn(node) is not None and (kind == "conv" or self.linear_dims_is_last(node)):
+                return lambda c: _batchnorm_of_constants(m, c)
+            return None
+        if not _constant_args(node):
+            return None
+        args, kwargs = node.args[1:], node.kwargs
+        if _is(node, _ELEMENTWISE_FUNCTIONS, _ELEMENTWISE_METHODS):
+            if node.op == "call_method":
+                return lambda c: getattr(c.clone(), node.target)(*args, **kwargs)
+            return lambda c: node.target(c.clone(), *args, **kwargs)
+        if _is(node, {F.dropout}) and (args[1:2] or [kwargs.get("training", True)])[0] is False:
+            return lambda c: c
+        target = _ARITHMETIC.get(node.target)
+        if target is not None and len(args) == 1 and not kwargs and isinstance(args[0], (int, float)):
+            return lambda c: target(c, args[0])
+        if kind != "conv":
+            return None
+        if _is(node, _MAX_POOLS):
+            return lambda c: c
+        if _is(node, _AVG_POOLS):  # kernel and stride only: no padding, no ceil mode
+            return (lambda c: c) if len(args) <= 2 and not kwargs else None
+        if _is(node, {F.pad}):
+            pad = args[0] if args else kwargs.get("pad")
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "constant")
+            value = args[2] if len(args) > 2 else kwargs.get("value", None)
+            spatial = 2 * (len(_shape(node)) - 2) if _shape(node) else 2
+            if not isinstance(pad, (tuple, list)) or len(pad) > spatial:
+                return None
+            if mode != "constant":
+                return lambda c: c
+            fill = 0.0 if value is None else float(value)
+            return lambda c: torch.where(c == fill, c, torch.full_like(c, float("nan")))
+        return None
+
+    # -- 1, 2: BatchNorm and SBPDropout ---------------------------------------------------
+
+    def fold_batchnorms(self):
+        for node in list(self.gm.graph.nodes):
+            bn = _module(self.gm, node)
+            if bn is None or not runs_as(bn, _BATCHNORMS) or len(node.args) != 1 or node.kwargs:
+                continue
+            source = node.args[0]
+            layer = self.layer(source) if isinstance(source, fx.Node) else None
+            if layer is None or len(source.users) != 1 or self.calls[id(bn)] != 1:
+                continue
+            if isinstance(layer, nn.Linear) and not self.linear_dims_is_last(source):
+                continue
+            if _fold_batchnorm(layer, bn):
+                node.replace_all_uses_with(source)
+                self.gm.graph.erase_node(node)
+
+    def fold_sbps(self):
+        for node in list(self.gm.graph.nodes):
+            sbp = _module(self.gm, node)
+            if sbp is None or not runs_as(sbp, (SBPDropout,)) or len(node.args) != 1 or node.kwargs:
+                continue
+            scale = sbp.eval_scale()
+            if self._sbp_into_producer(node, sbp, scale) or self._sbp_into_readers(node, sbp, scale):
+                node.replace_all_uses_with(node.args[0])
+                self.gm.graph.erase_node(node)
+
+    def _units_match(self, sbp, layer, node, output):
+        if sbp.num_features != layer.weight.shape[0 if output else 1]:
+            return False
+        if isinstance(layer, nn.Linear):
+            return sbp.dim == -1 or (sbp.dim == 1 and self.linear_dims_is_last(node))
+        return sbp.dim == 1
+
+    def _homogeneous(self, node, conv):
+        m = _module(self.gm, node)
+        if m is not None:
+            return len(node.args) == 1 and not node.kwargs and (
+                runs_as(m, _HOMOGENEOUS_MODULES) or (conv and runs_as(m, _POOLS)))
+        if not _constant_args(node):
+            return False
+        return _is(node, _HOMOGENEOUS_FUNCTIONS, _HOMOGENEOUS_METHODS) or (
+            conv and _is(node, _MAX_POOLS | _AVG_POOLS))
+
+    def _sbp_into_producer(self, node, sbp, scale):
+        source, path = node.args[0], []
+        while isinstance(source, fx.Node) and len(source.users) == 1 and self.layer(source) is None:
+            path.append(source)
+            if not source.args or not isinstance(source.args[0], fx.Node):
+                return False
+            source = source.args[0]
+        layer = self.layer(source) if isinstance(source, fx.Node) and len(source.users) == 1 else None
+        if layer is None or not self._units_match(sbp, layer, node, output=True):
+            return False
+        if not all(self._homogeneous(n, conv=isinstance(layer, _CONVS)) for n in path):
+            return False
+        with torch.no_grad():
+            layer.weight.mul_(scale.to(layer.weight.dtype).reshape(-1, *(1,) * (layer.weight.dim() - 1)))
+            if layer.bias is not None:
+                layer.bias.mul_(scale.to(layer.bias.dtype))
+        return True
+
+    def _sbp_into_readers(self, node, sbp, scale):
+        readers = []
+        for user in node.users:
+            flat = self.flattens(user) and len(user.users) == 1
+            reader = next(iter(user.users)) if flat else user
+            layer = self.layer(reader)
+            if layer is None or reader.args[0] is not (user if flat else node):
+                return False
+            if flat:
+                if not isinstance(layer, nn.Linear) or sbp.dim != 1 or layer.in_features % sbp.num_features:
+                    return False
+            elif not self._units_match(sbp, layer, node, output=False):
+                return False
+            readers.append(layer)
+        for layer in readers:
+            w = layer.weight
+            view = w.reshape(w.shape[0], sbp.num_features, -1) if isinstance(layer, nn.Linear) else w
+            view.mul_(scale.to(w.dtype).reshape(1, -1, *(1,) * (view.dim() - 2)))
+        return bool(readers)
+
+    # -- 3: dead units -----------------------------------------------------------------------
+
+    def spaces(self):
+        """(space of each node, kind of each space, width of each space, whether a node
+        is flattened, per-unit transfer function of each channelwise node)."""
+        parent = {}
+
+        def find(n):
+            while parent[n] is not n:
+                parent[n] = parent[parent[n]]
+                n = parent[n]
+            return n
+
+        kind, width, flat, transfer, foreign = {}, {}, {}, {}, set()
+        for node in self.gm.graph.nodes:
+            parent[node] = node
+            layer = self.layer(node)
+            if layer is not None:
+                kind[node] = "linear" if isinstance(layer, nn.Linear) else "conv"
+                width[node], flat[node] = layer.weight.shape[0], False
+                continue
+            inputs = [a for a in node.args if isinstance(a, fx.Node)]
+            source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+            if source is not None and source in kind and len(inputs) == 2 and not node.kwargs and \
+                    node.args[1] in kind and _ARITHMETIC.get(node.target) in (torch.add, torch.sub) and \
+                    len(node.args) == 2:
+                other = node.args[1]
+                if (kind[source], width[source], flat[source]) == (kind[other], width[other], flat[other]):
+                    kind[node], width[node], flat[node] = kind[source], width[source], flat[source]
+                    transfer[node] = _ARITHMETIC[node.target]
+                    parent[find(other)] = find(source)
+                    parent[node] = find(source)
+                    continue
+            if source is not None and source in kind and (len(inputs) == 1 or (
+                    kind[source] == "conv" and self.flattens(node))):
+                f = None if flat[source] else self.channelwise(node, kind[source])
+                is_flatten = kind[source] == "conv" and not flat[source] and self.flattens(node)
+                if f is not None or is_flatten:
+                    kind[node], width[node], flat[node] = kind[source], width[source], flat[source] or is_flatten
+                    transfer[node] = f or (lambda c: c)
+                    parent[node] = find(source)
+                    continue
+            foreign.add(node)
+        space = {n: find(n) for n in kind}
+        return space, kind, width, flat, transfer
+
+    def constants(self, space, kind, width, transfer):
+        """Per node in a space: its units' constant values (NaN where not constant)."""
+        const = {}
+        for node in self.gm.graph.nodes:
+            if node not in space:
+                continue
+            layer = self.layer(node)
+            if layer is not None:
+                w = layer.weight.detach()
+                dead = (w.reshape(w.shape[0], -1) == 0).all(1)
+                value = layer.bias.detach() if layer.bias is not None else w.new_zeros(w.shape[0])
+                const[node] = torch.where(dead, value, torch.full_like(value, float("nan")))
+            elif node.args and isinstance(node.args[0], fx.Node) and len(node.args) == 2 and \
+                    isinstance(node.args[1], fx.Node):
+                const[node] = transfer[node](const[node.args[0]], const[node.args[1]])
+            else:
+                c = const[node.args[0]]
+                known = ~torch.isnan(c)
+                out = transfer[node](torch.where(known, c, torch.zeros_like(c)))
+                const[node] = torch.where(known & ~torch.isnan(out), out, torch.full_like(out, float("nan")))
+        return const
+
+    def readers(self, space, flat):
+        """{space root: [(reader node, read node, flattened)]}, and the roots of spaces
+        read by anything that is not a whole-unit reader."""
+        readers, blocked = defaultdict(list), set()
+        for node in self.gm.graph.nodes:
+            if _reads_metadata(node):
+                continue
+            for source in node.all_input_nodes:
+                if source not in space or (node in space and space[node] is space[source]
+                                           and self.layer(node) is None):
+                    continue
+                root, layer = space[source], self.layer(node)
+                if layer is None or (isinstance(layer, _CONVS) and flat[source]):
+                    blocked.add(root)
+                    continue
+                readers[root].append((node, source, flat[source]))
+        return readers, blocked
+
+    def _view(self, layer, units, flattened):
+        """``layer``'s weight as [out, units, per unit], or None if it does not read whole units."""
+        w = layer.weight.detach()
+        if isinstance(layer, nn.Linear):
+            if (flattened and w.shape[1] % units) or (not flattened and w.shape[1] != units):
+                return None
+        elif w.shape[1] != units:
+            return None
+        return w.reshape(w.shape[0], units, -1)
+
+    def cut_once(self):
+        """One round of folding constant units into readers and cutting unread ones; True
+        if anything changed."""
+        space, kind, width, flat, transfer = self.spaces()
+        const = self.constants(space, kind, width, transfer)
+        readers, blocked = self.readers(space, flat)
+        changed = False
+        for root in dict.fromkeys(space.values()):
+            members = [n for n in space if space[n] is root]
+            producers = [n for n in members if self.layer(n) is not None]
+            if root in blocked or not producers:
+                continue
+            units = width[root]
+            views = [(reader, self._view(self.layer(reader), units, flattened), source)
+                     for reader, source, flattened in readers[root]]
+            if not views or any(v is None for _, v, _ in views) or any(width[n] != units for n in members):
+                continue
+            for reader, view, source in views:
+                layer = self.layer(reader)
+                c = const[source]
+                known = ~torch.isnan(c) & (view != 0).any(2).any(0)
+                exact = isinstance(layer, nn.Linear) or _reads_constants_exactly(layer)
+                fold = known & (c == 0 if not exact else torch.ones_like(known))
+                if bool(fold.any()):
+                    shift = view[:, fold].sum(2) @ c[fold].to(view.dtype)
+                    with torch.no_grad():
+                        if layer.bias is None:
+                            layer.bias = nn.Parameter(shift.clone(), requires_grad=False)
+                        else:
+                            layer.bias.add_(shift)
+                        view[:, fold] = 0
+                    changed = True
+            if changed:  # a reader's bias moved: the constants of its own space are stale
+                return True
+            used = torch.zeros(units, dtype=torch.bool)
+            for _, view, _ in views:
+                used |= (view != 0).any(2).any(0).cpu()
+            if bool(used.all()):
+                continue
+            if not bool(used.any()):
+                used[0] = True  # keep one unit, so that no layer has zero of them
+            self._cut(members, views, used)
+            return True
+        return False
+
+    def _bn(self, node):
+        """The eval-mode BatchNorm (running statistics) ``node`` calls alone, or None."""
+        m = _module(self.gm, node)
+        ok = m is not None and runs_as(m, _BATCHNORMS) and m.running_mean is not None and self.calls[id(m)] == 1
+        return m if ok and len(node.args) == 1 and not node.kwargs else None
+
+    def _cut(self, members, views, keep):
+        gm = self.gm
+        for node in members:
+            layer = self.layer(node)
+            if layer is not None:
+                keep_d = keep.to(layer.weight.device)
+                bias = None if layer.bias is None else layer.bias.detach()[keep_d]
+                new = _dense_like(layer, layer.weight.detach()[keep_d], bias, getattr(layer, "sparsevd_origin", False))
+                _set_module(gm, node.target, new, self.calls)
+            elif self._bn(node) is not None:
+                _set_module(gm, node.target, _sliced_batchnorm(self._bn(node), keep), self.calls)
+        for reader, view, _ in views:
+            layer = self.layer(reader)
+            w = view[:, keep.to(view.device)]
+            w = w.reshape(w.shape[0], -1) if isinstance(layer, nn.Linear) else w.reshape(
+                w.shape[0], -1, *layer.weight.shape[2:])
+            new = _dense_like(layer, w, None if layer.bias is None else layer.bias.detach(),
+                              getattr(layer, "sparsevd_origin", False))
+            _set_module(gm, reader.target, new, self.calls)
+
+    # -- 4, 5: forms and chains ---------------------------------------------------------------
+
+    def choose_forms(self, batch_size, cost_model):
+        for node in self.gm.graph.nodes:
+            m = _module(self.gm, node)
+            if m is None or not isinstance(m, _LAYERS) or not getattr(m, "sparsevd_origin", False):
+                continue
+            device_type, size = m.weight.device.type, m.weight.element_size()
+            nnz = kept_weights(m)[0]
+            if isinstance(m, nn.Linear):
+                if cost_model.choose(m.out_features, m.in_features, nnz, batch_size, device_type, size) == "csr":
+                    _set_module(self.gm, node.target, SparseLinear.from_dense(m.weight, m.bias), self.calls)
+            elif _shape(node) is not None:
+                positions = torch.Size(_shape(node)[2:]).numel()
+                if cost_model.choose_conv(m.weight.shape, m.groups, nnz, batch_size, positions, device_type,
+                                          size) == "csr":
+                    _set_module(self.gm, node.target, _SPARSE_CONV[type(m)].from_dense(m), self.calls)
+
+    def _linear(self, node):
+        m = _module(self.gm, node)
+        ok = m is not None and (type(m) is SparseLinear or runs_as(m, (nn.Linear,))) and self.calls[id(m)] <= 1
+        return m if ok and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node) else None
+
+    def _activation(self, node):
+        """The activation module the chain op applies for ``node``, or None."""
+        m = _module(self.gm, node)
+        if m is not None:
+            return m if len(node.args) == 1 and not node.kwargs and runs_as(m, tuple(_ACTIVATIONS)) else None
+        make = _ACTIVATION_FUNCTIONS.get(node.target) if node.op in ("call_function", "call_method") else None
+        if make is None or not _constant_args(node) or len(node.args) > 1 and node.target is not F.leaky_relu:
+            return None
+        kwargs = dict(node.kwargs)
+        if node.target is F.leaky_relu and len(node.args) > 1:
+            kwargs["negative_slope"] = node.args[1]
+        if any(k not in _ACTIVATION_KWARGS.get(node.target, ()) for k in kwargs):
+            return None
+        kwargs.pop("inplace", None)
+        return make(kwargs)
+
+    def fuse_chains(self):
+        graph, erased = self.gm.graph, set()
+        for node in list(graph.nodes):
+            if node in erased or self._linear(node) is None:
+                continue
+            steps, nodes, last = [], [], node
+            source = node.args[0]
+            if self.flattens(source) and len(source.users) == 1 and (
+                    isinstance(_module(self.gm, source), nn.Flatten) or _is(source, {torch.flatten}, {"flatten"})):
+                steps.append(nn.Flatten())
+                nodes.append(source)
+            while True:
+                steps.append(self._linear(last))
+                nodes.append(last)
+                nxt = next(iter(last.users)) if len(last.users) == 1 else None
+                act = self._activation(nxt) if nxt is not None else None
+                if act is not None:
+                    steps.append(act)
+                    nodes.append(nxt)
+                    last = nxt
+                    nxt = next(iter(last.users)) if len(last.users) == 1 else None
+                if nxt is None or self._linear(nxt) is None:
+                    break
+                last = nxt
+            if len(steps) < 2:
+                continue
+            name = next(f"fused_chain_{i}" for i in range(len(graph.nodes) + 1) if not hasattr(self.gm, f"fused_chain_{i}"))
+            self.gm.add_submodule(name, FusedSequential(*steps))
+            with graph.inserting_after(last):
+                fused = graph.call_module(name, (nodes[0].args[0],))
+            last.replace_all_uses_with(fused)
+            for n in reversed(nodes):
+                graph.erase_node(n)
+            erased.update(nodes)
+
+
+def _reads_metadata(node):
+    """True for ``x.size()``/``x.dim()``/``x.shape``: they read no values."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        node.op == "call_function" and node.target is getattr and node.args[1:2] in (("shape",), ("ndim",)))
+
+
+def _reads_constants_exactly(conv):
+    if conv.padding == "valid" or conv.padding_mode != "zeros":
+        return True
+    return conv.padding != "same" and not any(conv.padding)
+
+
+def _batchnorm_of_constants(bn, c):
+    """What eval-mode ``bn`` makes of one constant per channel."""
+    y = (c - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps)
+    return y * bn.weight + bn.bias if bn.affine else y
+
+
+def _sliced_batchnorm(bn, keep):
+    new = type(bn)(int(keep.sum()), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                   track_running_stats=bn.track_running_stats, device=bn.running_mean.device,
+                   dtype=bn.running_mean.dtype)
+    keep = keep.to(bn.running_mean.device)
+    with torch.no_grad():
+        new.running_mean.copy_(bn.running_mean[keep])
+        new.running_var.copy_(bn.running_var[keep])
+        if bn.affine:
+            new.weight.copy_(bn.weight[keep])
+            new.bias.copy_(bn.bias[keep])
+    return new.eval()
+
+
+def _shape_prop(gm, input_shape):
+    """Node shapes from one batch of two zero examples (two, so that a view that keeps the
+    batch can be told from one that does not)."""
+    try:
+        shape = tuple(int(s) for s in input_shape)
+    except TypeError as error:
+        raise ValueError(f"input_shape must be a tuple of ints (one example, no batch), got {input_shape!r}") from error
+    if not shape or min(shape) < 1:
+        raise ValueError(f"input_shape must be positive sizes of one example (no batch), got {input_shape!r}")
+    first = next(gm.parameters(), None)
+    x = torch.zeros((2, *shape), dtype=first.dtype if first is not None else None,
+                    device=first.device if first is not None else None)
+    try:
+        ShapeProp(gm).propagate(x)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"input_shape {shape} does not fit the model: {error}") from error
+
+
+def sparsify_graph(inference, batch_size, cost_model, shrink, input_shape):
+    """The traced, rewritten ``inference`` model (eval mode, SparseVD layers already masked
+    dense ones), or None if its forward cannot be traced."""
+    gm = _trace(inference)
+    if gm is None:
+        return None
+    for m in gm.modules():  # the layers are edited in place below: none may share a tensor with another
+        if isinstance(m, _LAYERS + _BATCHNORMS):
+            for name, p in list(m._parameters.items()):
+                if p is not None:
+                    m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+    if input_shape is not None:
+        _shape_prop(gm, input_shape)
+    rewrite = _Graph(gm, input_shape is not None)
+    rewrite.fold_batchnorms()
+    rewrite.fold_sbps()
+    rewrite.fold_batchnorms()
+    # each round zeroes columns or cuts units, so this ends
+    while shrink and rewrite.cut_once():
+        pass
+    rewrite.choose_forms(batch_size, cost_model)
+    rewrite.fuse_chains()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
