@@ -490,24 +490,26 @@ class _Graph:
         return m if ok and len(node.args) == 1 and not node.kwargs else None
 
     def _cut(self, members, views, keep):
-        gm = self.gm
+        """Cut the units not in ``keep`` from a space: its layers' rows, its BatchNorms, its
+        readers' columns (a layer that reads its own space loses both)."""
+        gm, rows, columns = self.gm, set(), {}
         for node in members:
-            layer = self.layer(node)
-            if layer is not None:
-                keep_d = keep.to(layer.weight.device)
-                bias = None if layer.bias is None else layer.bias.detach()[keep_d]
-                new = _dense_like(layer, layer.weight.detach()[keep_d], bias, getattr(layer, "sparsevd_origin", False))
-                _set_module(gm, node.target, new, self.calls)
+            if self.layer(node) is not None:
+                rows.add(node.target)
             elif self._bn(node) is not None:
                 _set_module(gm, node.target, _sliced_batchnorm(self._bn(node), keep), self.calls)
         for reader, view, _ in views:
-            layer = self.layer(reader)
-            w = view[:, keep.to(view.device)]
-            w = w.reshape(w.shape[0], -1) if isinstance(layer, nn.Linear) else w.reshape(
-                w.shape[0], -1, *layer.weight.shape[2:])
-            new = _dense_like(layer, w, None if layer.bias is None else layer.bias.detach(),
-                              getattr(layer, "sparsevd_origin", False))
-            _set_module(gm, reader.target, new, self.calls)
+            columns[reader.target] = view.shape[1]
+        for target in rows | set(columns):
+            layer = gm.get_submodule(target)
+            w, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+            if target in columns:
+                w = w.reshape(w.shape[0], columns[target], -1)[:, keep.to(w.device)]
+                w = w.reshape(w.shape[0], -1) if isinstance(layer, nn.Linear) else w.reshape(
+                    w.shape[0], -1, *layer.weight.shape[2:])
+            if target in rows:
+                w, bias = w[keep.to(w.device)], None if bias is None else bias[keep.to(w.device)]
+            _set_module(gm, target, _dense_like(layer, w, bias, getattr(layer, "sparsevd_origin", False)), self.calls)
 
     # -- 4, 5: forms and chains ---------------------------------------------------------------
 

@@ -1,0 +1,281 @@
+"""sparsify() on models that are not nn.Sequential: the torch.fx graph path."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import sparsevd
+from sparsevd.plain import runs_as
+
+
+def _prune(model, seed=0, dead_rows=None, dead_cols=None):
+    """A random, partly pruned posterior for each SparseVD layer; ``dead_rows``/``dead_cols``:
+    {layer: units} pruned whole (its output units, its input units)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sparsevd.sparsevd_modules(model):
+            layer.log_sigma2.copy_(torch.randn(layer.weight.shape, generator=g) * 3 - 2)
+            if layer.bias is not None:
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+        for layer, units in (dead_rows or {}).items():
+            layer.log_sigma2[units] = 10
+        for layer, units in (dead_cols or {}).items():
+            layer.log_sigma2[:, units] = 10
+    return model
+
+
+def _randomize(model, seed=0, pruned=None):
+    """Random SBP posteriors (``pruned``: {sbp: units} pruned for sure) and BatchNorm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparsevd.SBPDropout):
+                m.mu.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+                m.log_sigma.copy_(torch.rand(m.num_features, generator=g) * 2 - 4)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+                m.weight.uniform_(0.5, 2, generator=g)
+                m.bias.uniform_(-1, 1, generator=g)
+        for sbp, units in (pruned or {}).items():
+            sbp.mu[units], sbp.log_sigma[units] = -15.0, 3.0
+    return model
+
+
+def _params(model):
+    """Weights and biases of the layers (θ of a SparseVD layer; CSR: its stored values)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, sparsevd.SparseLinear):
+            total += m.values.numel()
+        elif isinstance(m, (sparsevd.SparseVDModule, nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+            total += m.weight.numel()
+        else:
+            continue
+        total += m.bias.numel() if getattr(m, "bias", None) is not None else 0
+    return total
+
+
+def _units(model, types=(nn.Linear, nn.Conv2d)):
+    """Output units of the dense layers and CSR layers of a sparsified model."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, types):
+            total += m.weight.shape[0]
+        elif isinstance(m, sparsevd.SparseLinear):
+            total += m.out_features
+    return total
+
+
+def _check(model, x, tol=1e-4, **kwargs):
+    model.eval()
+    fast = sparsevd.sparsify(model, **kwargs)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(fast(x), expected, rtol=tol, atol=tol)
+    assert not any(isinstance(m, (sparsevd.SparseVDModule, sparsevd.SBPDropout)) for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    return fast
+
+
+class LeNet300100(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = sparsevd.SparseVDLinear(784, 300)
+        self.fc2 = sparsevd.SparseVDLinear(300, 100)
+        self.fc3 = sparsevd.SparseVDLinear(100, 10)
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.fc2(x).relu()
+        return self.fc3(x)
+
+
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = sparsevd.SparseVDConv2d(1, 20, 5)
+        self.conv2 = sparsevd.SparseVDConv2d(20, 50, 5)
+        self.fc1 = sparsevd.SparseVDLinear(800, 500)
+        self.fc2 = sparsevd.SparseVDLinear(500, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A ResNet BasicBlock, SBP after each BatchNorm; a 1x1 convolution shortcut where the
+    shape changes."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = sparsevd.SparseVDConv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.sbp1 = sparsevd.SBPDropout(cout)
+        self.conv2 = sparsevd.SparseVDConv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(sparsevd.SparseVDConv2d(cin, cout, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.sbp1(self.bn1(self.conv1(x))))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = sparsevd.SparseVDConv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.sbp = sparsevd.SBPDropout(8)
+        self.layer1 = Block(8, 8)
+        self.layer2 = Block(8, 16, stride=2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.sbp(self.bn(self.conv(x))))
+        x = self.layer2(self.layer1(x))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def test_class_style_lenet300100_is_cut_and_fused():
+    torch.manual_seed(0)
+    model = _prune(LeNet300100())
+    with torch.no_grad():
+        model.fc1.log_sigma2[:40] = 10  # 40 dead neurons: their constant bias folds into fc2, then they go
+        model.fc2.log_sigma2[:, 250:] = 10  # 50 neurons fc2 does not read
+    x = torch.randn(7, 1, 28, 28)
+    fast = _check(model, x)
+    assert isinstance(fast, fx.GraphModule)
+    chains = [m for m in fast.modules() if isinstance(m, sparsevd.FusedSequential)]
+    assert len(chains) == 1 and len(chains[0]) == 6, "flatten, three layers and two ReLUs in one chain op"
+    layers = [m for m in chains[0] if isinstance(m, (nn.Linear, sparsevd.SparseLinear))]
+    read_by_fc3 = int((model.fc3.mask() != 0).any(0).sum())
+    assert [m.out_features for m in layers] == [300 - 40 - 50, read_by_fc3, 10]
+    assert model.fc1.weight.shape == (300, 784), "the model given is unchanged"
+
+
+def test_class_style_lenet5_cuts_filters_across_view():
+    torch.manual_seed(0)
+    model = _prune(LeNet5())
+    with torch.no_grad():
+        model.conv2.log_sigma2[:12] = 10  # 12 dead filters: relu(bias), max-pooled, is a constant per channel
+        model.fc1.log_sigma2[:100] = 10
+    x = torch.randn(3, 1, 28, 28)
+    fast = _check(model, x, input_shape=(1, 28, 28))
+    convs = [m for m in fast.modules() if isinstance(m, (nn.Conv2d, sparsevd.SparseConv2d))]
+    assert [m.out_channels for m in convs] == [20, 50 - 12]
+    linears = [m for m in fast.modules() if isinstance(m, (nn.Linear, sparsevd.SparseLinear))]
+    read_by_fc2 = int((model.fc2.mask() != 0).any(0)[100:].sum())
+    assert [(m.in_features, m.out_features) for m in linears] == [((50 - 12) * 16, read_by_fc2), (read_by_fc2, 10)]
+    # without input_shape the view is not known to keep the batch: nothing is cut across it
+    fast = _check(model, x)
+    convs = [m for m in fast.modules() if isinstance(m, (nn.Conv2d, sparsevd.SparseConv2d))]
+    assert convs[1].out_channels == 50
+
+
+def test_resnet_with_batchnorm_residual_adds_and_sbp():
+    torch.manual_seed(0)
+    model = ResNet()
+    _prune(model)
+    _randomize(model, pruned={model.sbp: [0, 3], model.layer1.sbp1: [1, 2, 5], model.layer2.sbp1: list(range(7))})
+    x = torch.randn(5, 1, 12, 12)
+    fast = _check(model, x, input_shape=(1, 12, 12))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()), "every BatchNorm folded"
+    convs = {name: m.weight.shape for name, m in fast.named_modules() if isinstance(m, nn.Conv2d)}
+    # the stem's SBP units are pruned but the residual add of layer1 reads them: kept
+    assert convs["conv"][0] == 8
+    assert convs["layer1.conv1"][0] == 8 - 3 and convs["layer1.conv2"][1] == 8 - 3
+    assert convs["layer2.conv1"][0] == 16 - 7 and convs["layer2.conv2"][1] == 16 - 7
+    assert _params(fast) < _params(model) - 3 * 9 * 8 - 7 * 9 * 16
+    _check(model.double(), x.double(), tol=1e-10, input_shape=tuple(x.shape[1:]))
+
+
+def test_residual_add_keeps_a_unit_either_side_reads():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = sparsevd.SparseVDLinear(6, 8)
+            self.b = sparsevd.SparseVDLinear(8, 8)
+            self.c = sparsevd.SparseVDLinear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.c(torch.tanh(h + self.b(torch.relu(h))))
+
+    torch.manual_seed(0)
+    model = _prune(Residual())
+    with torch.no_grad():
+        model.b.log_sigma2[:, :3] = 10  # b reads none of units 0-2 of h, but the add passes them on to c
+        model.b.log_sigma2[:, 6:] = 10  # and neither b
+        model.c.log_sigma2[:, 6:] = 10  # nor c reads units 6, 7 of h, or of the sum
+    fast = _check(model, torch.randn(5, 6))
+    shapes = [m.weight.shape if isinstance(m, nn.Linear) else (m.out_features, m.in_features)
+              for m in fast.modules() if isinstance(m, (nn.Linear, sparsevd.SparseLinear))]
+    assert sorted(shapes) == sorted([(6, 6), (6, 6), (3, 6)])
+
+
+def test_cat_and_functional_calls():
+    class Branches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left = sparsevd.SparseVDConv2d(3, 4, 3)
+            self.right = sparsevd.SparseVDConv2d(3, 5, 3, dilation=2, padding=1)
+            self.head = sparsevd.SparseVDConv2d(9, 6, 1)
+            self.fc = sparsevd.SparseVDLinear(6 * 3 * 3, 2)
+
+        def forward(self, x):
+            y = torch.cat([torch.sigmoid(self.left(x)), F.leaky_relu(self.right(x), 0.1) * 2.0], dim=1)
+            y = F.avg_pool2d(F.relu(self.head(y)), 2)
+            return self.fc(torch.flatten(y, 1))
+
+    torch.manual_seed(0)
+    model = _prune(Branches())
+    with torch.no_grad():
+        model.head.log_sigma2[:2] = 10
+    fast = _check(model, torch.randn(2, 3, 9, 9), input_shape=(3, 9, 9))
+    layers = dict(fast.named_modules())
+    assert layers["head"].weight.shape == (4, 9, 1, 1), "head's dead filters are cut, the concatenated inputs kept"
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_padding_and_constant_channels(padding_mode):
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = sparsevd.SparseVDConv2d(2, 6, 3)
+            self.b = sparsevd.SparseVDConv2d(6, 4, 3, padding=1, padding_mode=padding_mode)
+            self.c = sparsevd.SparseVDConv2d(4, 3, 3)
+
+        def forward(self, x):
+            return self.c(F.pad(torch.relu(self.b(torch.relu(self.a(x)))), (1, 1, 2, 0)))
+
+    torch.manual_seed(0)
+    model = _prune(Padded())
+    with torch.no_grad():
+        model.a.log_sigma2[:2] = 10  # constant relu(bias) channels, read by b's padding
+        model.a.bias[0] = -1.0  # relu(-1) = 0: zero everywhere, padding included
+        model.a.bias[1] = 0.5
+        model.b.log_sigma2[:2] = 10  # constant channels reach c through zero F.pad
+        model.b.bias[0] = -1.0
+        model.b.bias[1] = 0.5
+    x = torch.randn(3, 2, 9, 9)
+    fast = _check(model, x, input_shape=(2, 9, 9))
+    convs = {n: m.weight.shape for n, m in fast.named_modules() if isinstance(m, nn.Conv2d)}
+    # a's zero channel goes; its constant 0.5 channel goes only where b's padding repeats it
+    assert convs["a"][0] == (5 if padding_mode == "zeros" else 4)
+    assert convs["b"][1] == convs["a"][0]
+    # b's zero channel goes (zero-padded by F.pad it is still zero); its 0.5 channel stays
+    assert convs["b"][0] == 3 and convs["c"][1] == 3
+    _check(model.double(), x.double(), tol=1e-10, input_shape=tuple(x.shape[1:]))
