@@ -279,3 +279,139 @@ def test_padding_and_constant_channels(padding_mode):
     # b's zero channel goes (zero-padded by F.pad it is still zero); its 0.5 channel stays
     assert convs["b"][0] == 3 and convs["c"][1] == 3
     _check(model.double(), x.double(), tol=1e-10, input_shape=tuple(x.shape[1:]))
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _sbp_structures():
+    from test_sbp import STRUCTURES, _randomize_sbp
+    return STRUCTURES, _randomize_sbp
+
+
+@pytest.mark.parametrize("name", ["linear-sbp-relu", "linear-relu-sbp", "sbp-on-inputs", "conv-bn-sbp", "conv-sbp-bn",
+                                  "pool-sbp-flatten", "convert-sparsevd+sbp", "convert-sbp-only"])
+def test_a_sequential_inside_a_class_is_cut_as_much_as_alone(name):
+    structures, randomize = _sbp_structures()
+    torch.manual_seed(0)
+    model = randomize(structures[name]()).eval()
+    conv = name.startswith(("conv-", "pool-")) or name == "convert-sparsevd+sbp"
+    x = torch.randn(4, 2, 8, 8) if conv else torch.randn(4, 6)
+    shape = tuple(x.shape[1:])  # a linear layer's units are dimension 1 (SBP's dim=1) only for 2-D inputs
+    alone = sparsevd.sparsify(model, input_shape=shape)
+    inside = _check(Wrapped(model), x, tol=1e-5, input_shape=shape)
+    assert isinstance(alone, sparsevd.FusedSequential) and isinstance(inside, fx.GraphModule)
+    assert _units(inside) <= _units(alone) and _params(inside) <= _params(alone)
+
+
+def test_hooked_and_subclassed_layers_are_left_as_they_are():
+    class MyLinear(nn.Linear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = sparsevd.SparseVDLinear(5, 7)
+            self.b = MyLinear(7, 4)
+            self.bn = nn.BatchNorm1d(7)
+            self.c = sparsevd.SparseVDLinear(7, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + self.c(self.bn(self.a(x))).sum(1, keepdim=True)
+
+    torch.manual_seed(0)
+    model = _randomize(_prune(Net(), dead_rows=None))
+    with torch.no_grad():
+        model.a.log_sigma2[:3] = 10
+    fast = _check(model, torch.randn(6, 5), input_shape=(5,))
+    # a is called twice: not a rewritable layer; the subclass keeps its input width, BN is not folded
+    assert dict(fast.named_modules())["b"].in_features == 7 and type(dict(fast.named_modules())["b"]) is MyLinear
+    assert any(isinstance(m, nn.BatchNorm1d) for m in fast.modules())
+
+
+def test_a_hook_keeps_its_layer():
+    model = _prune(LeNet300100())
+    with torch.no_grad():
+        model.fc1.log_sigma2[:40] = 10
+    seen = []
+    model.fc3.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    fast = _check(model, torch.randn(2, 784))
+    assert seen, "the hooked layer runs as itself"
+    assert any(isinstance(m, sparsevd.SparseVDLinear) for m in model.modules())
+
+
+def test_untraceable_forward_falls_back_with_a_warning():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(sparsevd.SparseVDLinear(6, 9), nn.ReLU(), sparsevd.SparseVDLinear(9, 4))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.body(x)
+            return -self.body(x)
+
+    torch.manual_seed(0)
+    model = _prune(Branchy())
+    with torch.no_grad():
+        model.body[0].log_sigma2[:3] = 10
+    with pytest.warns(UserWarning, match=r"cannot trace Branchy.forward .*per-module path") as record:
+        fast = _check(model, torch.randn(3, 6))
+    assert record[0].filename == __file__, "the warning points at the user's call"
+    assert isinstance(fast, Branchy) and isinstance(fast.body, sparsevd.FusedSequential)
+    assert fast.body[0].out_features == 6, "the Sequential inside is still cut"
+
+
+def test_untraceable_submodule_is_kept_and_named():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = sparsevd.SparseVDLinear(9, 9)
+
+        def forward(self, x):
+            return self.fc(x) if bool(x.mean() > 0) else x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = sparsevd.SparseVDLinear(6, 9)
+            self.gate = Gate()
+            self.b = sparsevd.SparseVDLinear(9, 9)
+            self.c = sparsevd.SparseVDLinear(9, 4)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.gate(torch.relu(self.a(x))))))
+
+    torch.manual_seed(0)
+    model = _prune(Net())
+    with torch.no_grad():
+        model.a.log_sigma2[:3] = 10
+        model.b.log_sigma2[:2] = 10
+    with pytest.warns(UserWarning, match=r"cannot trace gate \(Gate: .*nothing is cut across it"):
+        fast = _check(model, torch.randn(3, 6))
+    layers = dict(fast.named_modules())
+    assert isinstance(layers["gate"], Gate) and layers["gate"].fc.weight.shape == (9, 9)
+    first, second = (m for m in fast.modules() if isinstance(m, sparsevd.FusedSequential))
+    assert len(first) == 2 and first[0].out_features == 9, "a feeds the opaque gate: nothing of it is cut"
+    assert len(second) == 3 and second[0].out_features == 7, "b's dead units are cut from c"
+
+
+def test_bad_input_shape_is_refused():
+    with pytest.raises(ValueError, match="input_shape"):
+        sparsevd.sparsify(_prune(LeNet5()), input_shape=(3, 28, 28))
+    with pytest.raises(ValueError, match="input_shape"):
+        sparsevd.sparsify(_prune(LeNet5()), input_shape="28x28")
+
+
+def test_a_plain_model_warns_that_nothing_is_pruned():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="sparsify: .* no SparseVD layers"):
+        fast = sparsevd.sparsify(Wrapped(model))
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(fast(x), model(x))

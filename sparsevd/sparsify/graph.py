@@ -71,6 +71,8 @@ from .sequential import (_BATCHNORMS, _CONVS, _SPARSE_CONV, CHANNELWISE, ELEMENT
                          _preserves_constants)
 
 _LAYERS = (nn.Linear, *_CONVS)
+#: Called, not traced into, subclasses too: a subclass of a layer is one opaque step.
+_LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, SBPDropout)
 _POOLS = tuple(t for t in CHANNELWISE if t not in ELEMENTWISE)
 #: Functions and methods applied to each element alone.
 _ELEMENTWISE_FUNCTIONS = {
@@ -109,9 +111,10 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.opaque = opaque
         self.path = []
+        self.failed = None  # the innermost module whose forward raised
 
     def is_leaf_module(self, m, qualified_name):
-        if id(m) in self.opaque or type(m).__module__.startswith("sparsevd."):
+        if id(m) in self.opaque or isinstance(m, _LEAVES) or type(m).__module__.startswith("sparsevd."):
             return type(m) is not FusedSequential
         return super().is_leaf_module(m, qualified_name)
 
@@ -119,6 +122,10 @@ class _Tracer(fx.Tracer):
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed is None:
+                self.failed = self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -136,7 +143,7 @@ def _trace(model):
                 graph = tracer.trace(model)
             return fx.GraphModule(model, graph)
         except Exception as error:  # noqa: BLE001 -- whatever stops fx names the part it stopped in
-            failed = next((p for p in reversed(tracer.path) if p and id(modules.get(p)) not in opaque), None)
+            failed = tracer.failed if tracer.failed and id(modules.get(tracer.failed)) not in opaque else None
             reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             if failed is None:
                 warn(f"sparsify: torch.fx cannot trace {type(model).__name__}.forward ({reason}); falling back to "
@@ -410,7 +417,7 @@ class _Graph:
                 const[node] = torch.where(known & ~torch.isnan(out), out, torch.full_like(out, float("nan")))
         return const
 
-    def readers(self, space, flat):
+    def readers(self, space, kind, flat):
         """{space root: [(reader node, read node, flattened)]}, and the roots of spaces
         read by anything that is not a whole-unit reader."""
         readers, blocked = defaultdict(list), set()
@@ -422,7 +429,9 @@ class _Graph:
                                            and self.layer(node) is None):
                     continue
                 root, layer = space[source], self.layer(node)
-                if layer is None or (isinstance(layer, _CONVS) and flat[source]):
+                # a convolution reads the units of an unflattened convolution output; a linear
+                # layer those of a linear layer's output, or their blocks after a flatten
+                if layer is None or isinstance(layer, _CONVS) != (kind[root] == "conv" and not flat[source]):
                     blocked.add(root)
                     continue
                 readers[root].append((node, source, flat[source]))
@@ -443,7 +452,7 @@ class _Graph:
         if anything changed."""
         space, kind, width, flat, transfer = self.spaces()
         const = self.constants(space, kind, width, transfer)
-        readers, blocked = self.readers(space, flat)
+        readers, blocked = self.readers(space, kind, flat)
         changed = False
         for root in dict.fromkeys(space.values()):
             members = [n for n in space if space[n] is root]
@@ -623,7 +632,7 @@ def _shape_prop(gm, input_shape):
     batch can be told from one that does not)."""
     try:
         shape = tuple(int(s) for s in input_shape)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ValueError(f"input_shape must be a tuple of ints (one example, no batch), got {input_shape!r}") from error
     if not shape or min(shape) < 1:
         raise ValueError(f"input_shape must be positive sizes of one example (no batch), got {input_shape!r}")
