@@ -67,7 +67,7 @@ from ..plain import runs_as
 from ..report import kept_weights
 from ..sbp import SBPDropout
 from ..sparse import SparseLinear
-from .sequential import (_BATCHNORMS, _CONVS, _SPARSE_CONV, CHANNELWISE, ELEMENTWISE, _dense_like, _fold_batchnorm,
+from .sequential import (_BATCHNORMS, sparsify_modules, _CONVS, _SPARSE_CONV, CHANNELWISE, ELEMENTWISE, _dense_like, _fold_batchnorm,
                          _preserves_constants)
 
 _LAYERS = (nn.Linear, *_CONVS)
@@ -538,6 +538,20 @@ class _Graph:
                                           size) == "csr":
                     _set_module(self.gm, node.target, _SPARSE_CONV[type(m)].from_dense(m), self.calls)
 
+    def inside_leaves(self, batch_size, cost_model, shrink):
+        """The per-module path inside each module the graph calls as a whole (an
+        untraceable one, a torch container such as ``nn.TransformerEncoder``, a sparsevd
+        attention layer): what it does keeps the module's inputs and outputs."""
+        done = set()
+        for node in self.gm.graph.nodes:
+            m = _module(self.gm, node)
+            if m is None or id(m) in done or next(m.children(), None) is None:
+                continue
+            done.add(id(m))
+            new = sparsify_modules(m, batch_size, cost_model, shrink, None)
+            if new is not m:
+                _set_module(self.gm, node.target, new, self.calls)
+
     def _linear(self, node):
         m = _module(self.gm, node)
         ok = m is not None and (type(m) is SparseLinear or runs_as(m, (nn.Linear,))) and self.calls[id(m)] <= 1
@@ -666,6 +680,7 @@ def sparsify_graph(inference, batch_size, cost_model, shrink, input_shape):
     while shrink and rewrite.cut_once():
         pass
     rewrite.choose_forms(batch_size, cost_model)
+    rewrite.inside_leaves(batch_size, cost_model, shrink)
     rewrite.fuse_chains()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
