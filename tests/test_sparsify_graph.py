@@ -1,5 +1,7 @@
 """sparsify() on models that are not nn.Sequential: the torch.fx graph path."""
 
+import dataclasses
+import math
 import warnings
 
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import sparsevd
-from sparsevd.plain import runs_as
+from sparsevd.sparsify import CPU_COST
 
 
 def _prune(model, seed=0, dead_rows=None, dead_cols=None):
@@ -415,3 +417,51 @@ def test_a_plain_model_warns_that_nothing_is_pruned():
         fast = sparsevd.sparsify(Wrapped(model))
     x = torch.randn(2, 3)
     torch.testing.assert_close(fast(x), model(x))
+
+
+ALWAYS_CSR = sparsevd.CostModel(cpu=dataclasses.replace(CPU_COST, dense_overhead_s=math.inf))
+
+
+def _export_models():
+    torch.manual_seed(0)
+    lenet = _prune(LeNet300100())
+    with torch.no_grad():
+        lenet.fc1.log_sigma2[:40] = 10
+    resnet = ResNet()
+    _prune(resnet)
+    _randomize(resnet, pruned={resnet.layer1.sbp1: [1, 2, 5]})
+    return [("lenet-300-100", lenet, (1, 28, 28), ALWAYS_CSR), ("resnet", resnet, (1, 12, 12), None)]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_graph_module_exports_with_a_dynamic_batch(strict, tmp_path):
+    for name, model, shape, cost_model in _export_models():
+        fast = sparsevd.sparsify(model.eval(), cost_model=cost_model, input_shape=shape)
+        assert isinstance(fast, fx.GraphModule)
+        if cost_model is ALWAYS_CSR:
+            assert any(isinstance(m, sparsevd.SparseLinear) for m in fast.modules()), name
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # dynamo's note that FusedSequential caches its plan
+            program = torch.export.export(fast, (torch.randn(3, *shape),), dynamic_shapes=({0: batch},), strict=strict)
+        path = tmp_path / f"{name}.pt2"
+        torch.export.save(program, path)
+        loaded = torch.export.load(path).module()
+        for n in (1, 5):
+            x = torch.randn(n, *shape)
+            with torch.no_grad():
+                expected = model(x)
+            torch.testing.assert_close(loaded(x), expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_sparsify_and_calls_under_inference_mode():
+    for name, model, shape, _ in _export_models():
+        x = torch.randn(4, *shape)
+        with torch.no_grad():
+            expected = model.eval()(x)
+        with torch.inference_mode():
+            fast = sparsevd.sparsify(model, cost_model=ALWAYS_CSR, input_shape=shape)
+            torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4, msg=name)
+        assert any(isinstance(m, sparsevd.SparseLinear) for m in fast.modules()), name
+        assert not any(p.is_inference() for p in fast.parameters()), "the result is usable outside inference mode"
+        torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4, msg=name)
