@@ -12,11 +12,12 @@ import copy
 import torch
 from torch import nn
 
+from ..inference import FusedSequential
 from ..training import require_pruning_layers
 from . import graph, sequential
 from .cost import CPU_COST, CUDA_COST, CostModel, DeviceCost
 
-__all__ = ["sparsify", "CostModel", "DeviceCost", "CPU_COST", "CUDA_COST"]
+__all__ = ["CPU_COST", "CUDA_COST", "CostModel", "DeviceCost", "sparsify"]
 
 
 def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
@@ -55,7 +56,7 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
         inference = copy.deepcopy(model).eval()
         sequential.replace_sparsevd(inference)
         result = None
-        if type(model) is not nn.Sequential:
+        if type(model) not in (nn.Sequential, FusedSequential):
             result = graph.sparsify_graph(inference, batch_size, cost_model, shrink, input_shape)
         if result is None:
             result = sequential.sparsify_modules(inference, batch_size, cost_model, shrink, input_shape)

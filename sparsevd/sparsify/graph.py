@@ -53,9 +53,10 @@ or a parametrization keeps a module opaque, run as it is.
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +69,17 @@ from ..plain import runs_as
 from ..report import kept_weights
 from ..sbp import SBPDropout
 from ..sparse import SparseLinear
-from .sequential import (_BATCHNORMS, sparsify_modules, _CONVS, _SPARSE_CONV, CHANNELWISE, ELEMENTWISE, _dense_like, _fold_batchnorm,
-                         _preserves_constants)
+from .sequential import (
+    _BATCHNORMS,
+    _CONVS,
+    _SPARSE_CONV,
+    CHANNELWISE,
+    ELEMENTWISE,
+    _dense_like,
+    _fold_batchnorm,
+    _preserves_constants,
+    sparsify_modules,
+)
 
 _LAYERS = (nn.Linear, *_CONVS)
 #: Called, not traced into, subclasses too: a subclass of a layer is one opaque step.
@@ -88,6 +98,7 @@ _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropo
 _MAX_POOLS = {F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
               F.adaptive_avg_pool2d}
 _AVG_POOLS = {F.avg_pool1d, F.avg_pool2d}
+_ADAPTIVE = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
 _ARITHMETIC = {operator.add: torch.add, operator.iadd: torch.add, torch.add: torch.add, "add": torch.add,
                operator.sub: torch.sub, operator.isub: torch.sub, torch.sub: torch.sub, "sub": torch.sub,
                operator.mul: torch.mul, operator.imul: torch.mul, torch.mul: torch.mul, "mul": torch.mul,
@@ -120,6 +131,8 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        if type(m) is FusedSequential:  # in eval mode it computes what its Sequential does
+            forward = functools.partial(nn.Sequential.forward, m)
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
@@ -178,6 +191,11 @@ def _constant_args(node):
     return bool(node.args) and isinstance(node.args[0], fx.Node) and not found
 
 
+def _arithmetic(node):
+    """torch.add/sub/mul/div for ``node`` if it is one of them (operator, function or method)."""
+    return _ARITHMETIC.get(node.target) if node.op in ("call_function", "call_method") else None
+
+
 def _shape(node):
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -224,8 +242,8 @@ class _Graph:
 
     def channelwise(self, node, kind):
         """For ``node`` acting on each unit of a ``kind`` ('linear': units last, 'conv':
-        units on dimension 1) space alone: f(constants per unit) -> constants (NaN: not
-        constant); None if it does not."""
+        units on dimension 1, 'flat': blocks of dimension 1) space alone: f(constants per
+        unit) -> constants (NaN: not constant); None if it does not."""
         m = _module(self.gm, node)
         if m is not None:
             if len(node.args) != 1 or node.kwargs:
@@ -234,7 +252,7 @@ class _Graph:
                 return m
             if kind == "conv" and runs_as(m, _POOLS):
                 return (lambda c: c) if _preserves_constants(m) else (lambda c: torch.full_like(c, float("nan")))
-            if self._bn(node) is not None and (kind == "conv" or self.linear_dims_is_last(node)):
+            if self._bn(node) is not None and (kind == "conv" or (kind == "linear" and self.linear_dims_is_last(node))):
                 return lambda c: _batchnorm_of_constants(m, c)
             return None
         if not _constant_args(node):
@@ -246,13 +264,14 @@ class _Graph:
             return lambda c: node.target(c.clone(), *args, **kwargs)
         if _is(node, {F.dropout}) and (args[1:2] or [kwargs.get("training", True)])[0] is False:
             return lambda c: c
-        target = _ARITHMETIC.get(node.target)
+        target = _arithmetic(node)
         if target is not None and len(args) == 1 and not kwargs and isinstance(args[0], (int, float)):
             return lambda c: target(c, args[0])
         if kind != "conv":
             return None
-        if _is(node, _MAX_POOLS):
-            return lambda c: c
+        if _is(node, _MAX_POOLS) and not (args[5:6] or [kwargs.get("return_indices", False)])[0] and (
+                node.target not in _ADAPTIVE or len(args) == 1):
+            return lambda c: c  # max over a constant (padding is -inf), or a mean of one
         if _is(node, _AVG_POOLS):  # kernel and stride only: no padding, no ceil mode
             return (lambda c: c) if len(args) <= 2 and not kwargs else None
         if _is(node, {F.pad}):
@@ -276,8 +295,9 @@ class _Graph:
             if bn is None or not runs_as(bn, _BATCHNORMS) or len(node.args) != 1 or node.kwargs:
                 continue
             source = node.args[0]
-            layer = self.layer(source) if isinstance(source, fx.Node) else None
-            if layer is None or len(source.users) != 1 or self.calls[id(bn)] != 1:
+            layer = _module(self.gm, source) if isinstance(source, fx.Node) else None
+            if layer is None or not runs_as(layer, _LAYERS) or self.calls[id(layer)] != 1 or len(source.users) != 1 \
+                    or self.calls[id(bn)] != 1:
                 continue
             if isinstance(layer, nn.Linear) and not self.linear_dims_is_last(source):
                 continue
@@ -354,7 +374,8 @@ class _Graph:
 
     def spaces(self):
         """(space of each node, kind of each space, width of each space, whether a node
-        is flattened, per-unit transfer function of each channelwise node)."""
+        is flattened, per-unit transfer function of each channelwise node, the nodes that
+        add or subtract two nodes of one space). Nodes in no space are opaque."""
         parent = {}
 
         def find(n):
@@ -363,7 +384,7 @@ class _Graph:
                 n = parent[n]
             return n
 
-        kind, width, flat, transfer, foreign = {}, {}, {}, {}, set()
+        kind, width, flat, transfer, joins = {}, {}, {}, {}, set()
         for node in self.gm.graph.nodes:
             parent[node] = node
             layer = self.layer(node)
@@ -374,29 +395,28 @@ class _Graph:
             inputs = [a for a in node.args if isinstance(a, fx.Node)]
             source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if source is not None and source in kind and len(inputs) == 2 and not node.kwargs and \
-                    node.args[1] in kind and _ARITHMETIC.get(node.target) in (torch.add, torch.sub) and \
-                    len(node.args) == 2:
+                    node.args[1] in kind and _arithmetic(node) in (torch.add, torch.sub) and len(node.args) == 2:
                 other = node.args[1]
                 if (kind[source], width[source], flat[source]) == (kind[other], width[other], flat[other]):
                     kind[node], width[node], flat[node] = kind[source], width[source], flat[source]
-                    transfer[node] = _ARITHMETIC[node.target]
+                    transfer[node] = _arithmetic(node)
+                    joins.add(node)
                     parent[find(other)] = find(source)
                     parent[node] = find(source)
                     continue
             if source is not None and source in kind and (len(inputs) == 1 or (
                     kind[source] == "conv" and self.flattens(node))):
-                f = None if flat[source] else self.channelwise(node, kind[source])
+                f = self.channelwise(node, "flat" if flat[source] else kind[source])
                 is_flatten = kind[source] == "conv" and not flat[source] and self.flattens(node)
                 if f is not None or is_flatten:
                     kind[node], width[node], flat[node] = kind[source], width[source], flat[source] or is_flatten
                     transfer[node] = f or (lambda c: c)
                     parent[node] = find(source)
                     continue
-            foreign.add(node)
         space = {n: find(n) for n in kind}
-        return space, kind, width, flat, transfer
+        return space, kind, width, flat, transfer, joins
 
-    def constants(self, space, kind, width, transfer):
+    def constants(self, space, transfer, joins):
         """Per node in a space: its units' constant values (NaN where not constant)."""
         const = {}
         for node in self.gm.graph.nodes:
@@ -408,8 +428,7 @@ class _Graph:
                 dead = (w.reshape(w.shape[0], -1) == 0).all(1)
                 value = layer.bias.detach() if layer.bias is not None else w.new_zeros(w.shape[0])
                 const[node] = torch.where(dead, value, torch.full_like(value, float("nan")))
-            elif node.args and isinstance(node.args[0], fx.Node) and len(node.args) == 2 and \
-                    isinstance(node.args[1], fx.Node):
+            elif node in joins:
                 const[node] = transfer[node](const[node.args[0]], const[node.args[1]])
             else:
                 c = const[node.args[0]]
@@ -451,8 +470,8 @@ class _Graph:
     def cut_once(self):
         """One round of folding constant units into readers and cutting unread ones; True
         if anything changed."""
-        space, kind, width, flat, transfer = self.spaces()
-        const = self.constants(space, kind, width, transfer)
+        space, kind, width, flat, transfer, joins = self.spaces()
+        const = self.constants(space, transfer, joins)
         readers, blocked = self.readers(space, kind, flat)
         changed = False
         for root in dict.fromkeys(space.values()):
@@ -600,7 +619,8 @@ class _Graph:
                 last = nxt
             if len(steps) < 2:
                 continue
-            name = next(f"fused_chain_{i}" for i in range(len(graph.nodes) + 1) if not hasattr(self.gm, f"fused_chain_{i}"))
+            name = next(f"fused_chain_{i}" for i in range(len(graph.nodes) + 1)
+                        if not hasattr(self.gm, f"fused_chain_{i}"))
             self.gm.add_submodule(name, FusedSequential(*steps))
             with graph.inserting_after(last):
                 fused = graph.call_module(name, (nodes[0].args[0],))
