@@ -166,6 +166,7 @@ def test_class_style_lenet300100_is_cut_and_fused():
     read_by_fc3 = int((model.fc3.mask() != 0).any(0).sum())
     assert [m.out_features for m in layers] == [300 - 40 - 50, read_by_fc3, 10]
     assert model.fc1.weight.shape == (300, 784), "the model given is unchanged"
+    _check(model.double(), x.double(), tol=1e-10)
 
 
 def test_class_style_lenet5_cuts_filters_across_view():
@@ -185,6 +186,7 @@ def test_class_style_lenet5_cuts_filters_across_view():
     fast = _check(model, x)
     convs = [m for m in fast.modules() if isinstance(m, (nn.Conv2d, sparsevd.SparseConv2d))]
     assert convs[1].out_channels == 50
+    _check(model.double(), x.double(), tol=1e-10, input_shape=(1, 28, 28))
 
 
 def test_resnet_with_batchnorm_residual_adds_and_sbp():
@@ -222,7 +224,9 @@ def test_residual_add_keeps_a_unit_either_side_reads():
         model.b.log_sigma2[:, :3] = 10  # b reads none of units 0-2 of h, but the add passes them on to c
         model.b.log_sigma2[:, 6:] = 10  # and neither b
         model.c.log_sigma2[:, 6:] = 10  # nor c reads units 6, 7 of h, or of the sum
-    fast = _check(model, torch.randn(5, 6))
+    x = torch.randn(5, 6)
+    fast = _check(model, x)
+    _check(model.double(), x.double(), tol=1e-10)
     shapes = [m.weight.shape if isinstance(m, nn.Linear) else (m.out_features, m.in_features)
               for m in fast.modules() if isinstance(m, (nn.Linear, sparsevd.SparseLinear))]
     assert sorted(shapes) == sorted([(6, 6), (6, 6), (3, 6)])
@@ -246,7 +250,9 @@ def test_cat_and_functional_calls():
     model = _prune(Branches())
     with torch.no_grad():
         model.head.log_sigma2[:2] = 10
-    fast = _check(model, torch.randn(2, 3, 9, 9), input_shape=(3, 9, 9))
+    x = torch.randn(2, 3, 9, 9)
+    fast = _check(model, x, input_shape=(3, 9, 9))
+    _check(model.double(), x.double(), tol=1e-10, input_shape=(3, 9, 9))
     layers = dict(fast.named_modules())
     assert layers["head"].weight.shape == (4, 9, 1, 1), "head's dead filters are cut, the concatenated inputs kept"
 
@@ -414,6 +420,16 @@ def test_untraceable_submodule_is_kept_and_named():
     first, second = (m for m in fast.modules() if isinstance(m, sparsevd.FusedSequential))
     assert len(first) == 2 and first[0].out_features == 9, "a feeds the opaque gate: nothing of it is cut"
     assert len(second) == 3 and second[0].out_features == 7, "b's dead units are cut from c"
+
+
+def test_an_sbp_that_cannot_be_folded_stays():
+    model = _randomize(Wrapped(nn.Sequential(sparsevd.SparseVDLinear(6, 9), nn.Tanh(), sparsevd.SBPDropout(9),
+                                             nn.Sigmoid()))).eval()
+    _prune(model)
+    x = torch.randn(3, 6)
+    fast = sparsevd.sparsify(model)
+    assert [type(m) for m in fast.modules() if isinstance(m, sparsevd.SBPDropout)] == [sparsevd.SBPDropout]
+    torch.testing.assert_close(fast(x), model(x))
 
 
 def test_bad_input_shape_is_refused():
