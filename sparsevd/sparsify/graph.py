@@ -115,6 +115,12 @@ _ACTIVATION_FUNCTIONS = {
 _ACTIVATION_KWARGS = {F.gelu: ("approximate",), F.leaky_relu: ("negative_slope",), F.relu: ("inplace",)}
 
 
+def _library_layer(m):
+    """A layer of this package (not one of its example networks): called, not traced into."""
+    name = type(m).__module__
+    return name.startswith("sparsevd.") and not name.startswith("sparsevd.experiments.")
+
+
 class _Tracer(fx.Tracer):
     """Leaves: torch and sparsevd modules (except containers) and the submodules in
     ``opaque``; records which module's forward it is tracing, to name one that fails."""
@@ -126,7 +132,7 @@ class _Tracer(fx.Tracer):
         self.failed = None  # the innermost module whose forward raised
 
     def is_leaf_module(self, m, qualified_name):
-        if id(m) in self.opaque or isinstance(m, _LEAVES) or type(m).__module__.startswith("sparsevd."):
+        if id(m) in self.opaque or isinstance(m, _LEAVES) or _library_layer(m):
             return type(m) is not FusedSequential
         return super().is_leaf_module(m, qualified_name)
 
