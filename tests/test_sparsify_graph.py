@@ -493,3 +493,57 @@ def test_sparsify_and_calls_under_inference_mode():
         assert any(isinstance(m, sparsevd.SparseLinear) for m in fast.modules()), name
         assert not any(p.is_inference() for p in fast.parameters()), "the result is usable outside inference mode"
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return F.relu(y + self.shortcut(x))
+
+
+class SqueezeExcite(nn.Module):
+    """A ResNet with a squeeze-excitation gate (x * sigmoid(fc(mean x))), written as a user would."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.block = PlainBlock(8, 12, 2)
+        self.gate = nn.Linear(12, 12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.bn(self.stem(x))))
+        x = x * torch.sigmoid(self.gate(x.mean((2, 3))))[:, :, None, None]
+        if self.training:
+            x = F.dropout(x, 0.5)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_a_converted_class_style_resnet_with_sbp():
+    torch.manual_seed(0)
+    model = sparsevd.convert(_randomize(SqueezeExcite()), sbp=True)
+    _prune(model)
+    _randomize(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, sparsevd.SBPDropout):  # half the units of each layer pruned
+                m.mu[: m.num_features // 2], m.log_sigma[: m.num_features // 2] = -15.0, 3.0
+        # after c1's pruned units, relu(BatchNorm shift): 0 for five, a constant 0.5 for one,
+        # which c2's zero padding reads as 0.5 inside and 0 at the borders: kept
+        model.block.b1.bias[:6] = torch.tensor([-5.0] * 5 + [0.0]) + model.block.b1.running_mean[:6] * torch.rsqrt(
+            model.block.b1.running_var[:6] + model.block.b1.eps) * model.block.b1.weight[:6]
+        model.block.b1.bias[5] += 0.5
+    x = torch.randn(3, 1, 10, 10)
+    fast = _check(model, x, input_shape=(1, 10, 10))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    shapes = {n: m.weight.shape for n, m in fast.named_modules() if isinstance(m, nn.Conv2d)}
+    assert shapes["block.c1.0"][0] == 12 - 5, "c1's pruned units reach only c2: cut where zero"
+    assert shapes["block.c2.0"][0] == 12, "the gate reads every unit of the block's output"
+    _check(model.double(), x.double(), tol=1e-10, input_shape=(1, 10, 10))
