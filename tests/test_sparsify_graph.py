@@ -1,6 +1,8 @@
 """sparsify() on models that are not nn.Sequential: the torch.fx graph path."""
 
+import copy
 import dataclasses
+import io
 import math
 import warnings
 
@@ -547,3 +549,20 @@ def test_a_converted_class_style_resnet_with_sbp():
     assert shapes["block.c1.0"][0] == 12 - 5, "c1's pruned units reach only c2: cut where zero"
     assert shapes["block.c2.0"][0] == 12, "the gate reads every unit of the block's output"
     _check(model.double(), x.double(), tol=1e-10, input_shape=(1, 10, 10))
+
+
+def test_the_graph_module_pickles_and_copies():
+    torch.manual_seed(0)
+    model = sparsevd.convert(_randomize(SqueezeExcite()), sbp=True)
+    _prune(model)
+    fast = sparsevd.sparsify(model.eval(), cost_model=ALWAYS_CSR, input_shape=(1, 10, 10))
+    assert isinstance(fast, fx.GraphModule)
+    x = torch.randn(2, 1, 10, 10)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for again in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
+        torch.testing.assert_close(again(x), fast(x), rtol=0, atol=0)
+    fresh = sparsevd.sparsify(model, cost_model=ALWAYS_CSR, input_shape=(1, 10, 10))
+    fresh.load_state_dict(fast.state_dict())
+    torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)

@@ -125,7 +125,7 @@ class _Tracer(fx.Tracer):
     """Leaves: torch and sparsevd modules (except containers) and the submodules in
     ``opaque``; records which module's forward it is tracing, to name one that fails."""
 
-    def __init__(self, opaque):
+    def __init__(self, opaque=frozenset()):  # unpickling a GraphModule builds its tracer with no arguments
         super().__init__()
         self.opaque = opaque
         self.path = []
