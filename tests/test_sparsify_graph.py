@@ -252,11 +252,14 @@ def test_cat_and_functional_calls():
     model = _prune(Branches())
     with torch.no_grad():
         model.head.log_sigma2[:2] = 10
+        model.head.log_sigma2[:, [1, 6]] = 10  # head reads neither left's unit 1 nor right's unit 2
+        model.right.log_sigma2[0] = 10  # a constant unit of right: folded into head's bias, then cut
     x = torch.randn(2, 3, 9, 9)
     fast = _check(model, x, input_shape=(3, 9, 9))
     _check(model.double(), x.double(), tol=1e-10, input_shape=(3, 9, 9))
     layers = dict(fast.named_modules())
-    assert layers["head"].weight.shape == (4, 9, 1, 1), "head's dead filters are cut, the concatenated inputs kept"
+    assert layers["head"].weight.shape == (4, 9 - 3, 1, 1), "head's dead filters and unread inputs are cut"
+    assert layers["left"].weight.shape[0] == 4 - 1 and layers["right"].weight.shape[0] == 5 - 2
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])

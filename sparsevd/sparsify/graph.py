@@ -13,28 +13,29 @@ Then, on the graph:
    dropout, which commute with a per-unit s ≥ 0), or into the input columns of every
    layer that reads it (also through a flatten); a BatchNorm it then reads directly is
    folded too. One that can be folded nowhere stays, computing what it did.
-3. **Dead units.** The graph's tensors fall into *channel spaces*: a layer's output units
-   and every tensor that carries them one for one (elementwise activations, pooling,
-   padding of the spatial dimensions, BatchNorm, dropout, arithmetic with a number, a
-   flatten of ``[N, C, ...]`` to ``[N, C·…]`` (each unit a block of features), and
-   ``+``/``-`` of two such tensors, which joins their spaces: in a residual block the
-   shortcut and the block's last layer share one). A space can be cut only where every
-   tensor in it comes from its layers through those operations and every reader outside
-   it is a linear layer or convolution (groups 1) reading whole units; a space read by
-   anything else (another op, the model's output) keeps all its units. Then:
+3. **Dead units.** Each output unit of a layer (a linear layer or convolution, groups 1,
+   called once) is followed through every tensor that carries it one for one: elementwise
+   activations, pooling, padding of the spatial dimensions, BatchNorm, dropout, arithmetic
+   with a number, a flatten of ``[N, C, ...]`` to ``[N, C·…]`` (each unit a block of
+   features), ``torch.cat`` along the units, and ``+``/``-`` of two such tensors, which ties
+   unit i of one side to unit i of the other (in a residual block the shortcut's units and
+   the block's last layer's are cut together or not at all). A unit can be cut only where
+   every tensor carrying it is read by such steps or by a linear layer or convolution
+   (groups 1) reading whole units; a unit read by anything else (another op, the model's
+   output) stays. Then:
 
    - a layer output unit whose weights are all zero is a constant (its bias) everywhere,
-     and stays one through the space's operations (average pooling that counts zero
+     and stays one through the steps that carry it (average pooling that counts zero
      padding and padding with another value break it; those units count as varying);
    - a constant unit c read by a linear layer, or a convolution whose padding repeats
      the input (none, ``reflect``, ``replicate``, ``circular``), adds W[:, k]·c (summed
      over the kernel and the flattened block) to the reader's bias, and the reader stops
      reading it. A zero-padding convolution reads c at interior positions and 0 at the
      borders, so it absorbs only c = 0 (a unit that is zero everywhere, padding included);
-   - a unit that no reader reads (all its columns zero) is cut from every tensor in the
-     space: the producing layers' rows, the BatchNorms' statistics, the readers' columns.
-     It changes no value anyone reads, so the cut is exact. A residual add keeps a unit as
-     long as any reader of either side, or of the sum, reads it.
+   - a unit that no reader reads (all its columns zero) is cut from every tensor carrying
+     it: the producing layers' rows, the BatchNorms' statistics, the readers' columns, its
+     place in a concatenation. It changes no value anyone reads, so the cut is exact. A
+     residual add keeps a unit as long as any reader of either side, or of the sum, reads it.
 
    This repeats until nothing changes (a reader that lost its inputs becomes constant).
 4. Each SparseVD layer becomes CSR or dense by the cost model (convolutions only with
@@ -378,55 +379,80 @@ class _Graph:
 
     # -- 3: dead units -----------------------------------------------------------------------
 
-    def spaces(self):
-        """(space of each node, kind of each space, width of each space, whether a node
-        is flattened, per-unit transfer function of each channelwise node, the nodes that
-        add or subtract two nodes of one space). Nodes in no space are opaque."""
-        parent = {}
+    def units(self):
+        """The units each node carries, for the nodes that carry units one for one from
+        layers: (unit ids per node (one class per set of units that must be cut together),
+        kind per node, whether a node is flattened, the per-unit transfer function of each
+        non-layer node, the nodes that add or subtract two such nodes). Other nodes are
+        opaque."""
+        parent = []
 
-        def find(n):
-            while parent[n] is not n:
-                parent[n] = parent[parent[n]]
-                n = parent[n]
-            return n
+        def find(u):
+            while parent[u] != u:
+                parent[u] = parent[parent[u]]
+                u = parent[u]
+            return u
 
-        kind, width, flat, transfer, joins = {}, {}, {}, {}, set()
+        ids, kind, flat, transfer, joins = {}, {}, {}, {}, set()
         for node in self.gm.graph.nodes:
-            parent[node] = node
             layer = self.layer(node)
             if layer is not None:
-                kind[node] = "linear" if isinstance(layer, nn.Linear) else "conv"
-                width[node], flat[node] = layer.weight.shape[0], False
+                width = layer.weight.shape[0]
+                ids[node] = list(range(len(parent), len(parent) + width))
+                parent.extend(ids[node])
+                kind[node], flat[node] = "linear" if isinstance(layer, nn.Linear) else "conv", False
                 continue
             inputs = [a for a in node.args if isinstance(a, fx.Node)]
             source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            if source is not None and source in kind and len(inputs) == 2 and not node.kwargs and \
-                    node.args[1] in kind and _arithmetic(node) in (torch.add, torch.sub) and len(node.args) == 2:
+            if source is not None and source in ids and len(inputs) == 2 and len(node.args) == 2 and \
+                    not node.kwargs and node.args[1] in ids and _arithmetic(node) in (torch.add, torch.sub):
                 other = node.args[1]
-                if (kind[source], width[source], flat[source]) == (kind[other], width[other], flat[other]):
-                    kind[node], width[node], flat[node] = kind[source], width[source], flat[source]
+                if (kind[source], len(ids[source]), flat[source]) == (kind[other], len(ids[other]), flat[other]):
+                    for a, b in zip(ids[source], ids[other]):
+                        parent[find(b)] = find(a)
+                    ids[node], kind[node], flat[node] = ids[source], kind[source], flat[source]
                     transfer[node] = _arithmetic(node)
                     joins.add(node)
-                    parent[find(other)] = find(source)
-                    parent[node] = find(source)
                     continue
-            if source is not None and source in kind and (len(inputs) == 1 or (
+            parts = self._concatenated(node, ids, kind, flat)
+            if parts is not None:
+                ids[node], kind[node], flat[node] = [u for p in parts for u in ids[p]], kind[parts[0]], False
+                transfer[node] = None
+                continue
+            if source is not None and source in ids and (len(inputs) == 1 or (
                     kind[source] == "conv" and self.flattens(node))):
                 f = self.channelwise(node, "flat" if flat[source] else kind[source])
                 is_flatten = kind[source] == "conv" and not flat[source] and self.flattens(node)
                 if f is not None or is_flatten:
-                    kind[node], width[node], flat[node] = kind[source], width[source], flat[source] or is_flatten
+                    ids[node], kind[node], flat[node] = ids[source], kind[source], flat[source] or is_flatten
                     transfer[node] = f or (lambda c: c)
-                    parent[node] = find(source)
-                    continue
-        space = {n: find(n) for n in kind}
-        return space, kind, width, flat, transfer, joins
+        ids = {node: torch.tensor([find(u) for u in units], dtype=torch.long) for node, units in ids.items()}
+        return ids, kind, flat, transfer, joins
 
-    def constants(self, space, transfer, joins):
-        """Per node in a space: its units' constant values (NaN where not constant)."""
+    def _concatenated(self, node, ids, kind, flat):
+        """The nodes ``node`` concatenates along their units (``torch.cat``), or None."""
+        if not _is(node, {torch.cat, torch.concat}) or not node.args or not isinstance(node.args[0], (list, tuple)):
+            return None
+        parts, rest = list(node.args[0]), list(node.args[1:]) + list(node.kwargs)
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if not parts or set(rest) - {dim, "dim"} or not all(isinstance(p, fx.Node) and p in ids for p in parts):
+            return None
+        kinds = {kind[p] for p in parts}
+        if len(kinds) != 1 or any(flat[p] for p in parts):
+            return None
+        shape = _shape(node)
+        if kinds == {"conv"}:
+            ok = dim == 1 if shape is None else dim in (1, 1 - len(shape))
+        else:
+            ok = dim == -1 or (shape is not None and dim == len(shape) - 1) or (
+                dim == 1 and shape is not None and len(shape) == 2)
+        return parts if ok else None
+
+    def constants(self, ids, transfer, joins):
+        """Per node that carries units: their constant values (NaN where not constant)."""
         const = {}
         for node in self.gm.graph.nodes:
-            if node not in space:
+            if node not in ids:
                 continue
             layer = self.layer(node)
             if layer is not None:
@@ -436,6 +462,9 @@ class _Graph:
                 const[node] = torch.where(dead, value, torch.full_like(value, float("nan")))
             elif node in joins:
                 const[node] = transfer[node](const[node.args[0]], const[node.args[1]])
+            elif transfer[node] is None:  # a concatenation
+                parts = [const[p] for p in node.args[0]]
+                const[node] = torch.cat([p.to(parts[0].dtype) for p in parts])
             else:
                 c = const[node.args[0]]
                 known = ~torch.isnan(c)
@@ -443,24 +472,28 @@ class _Graph:
                 const[node] = torch.where(known & ~torch.isnan(out), out, torch.full_like(out, float("nan")))
         return const
 
-    def readers(self, space, kind, flat):
-        """{space root: [(reader node, read node, flattened)]}, and the roots of spaces
-        read by anything that is not a whole-unit reader."""
-        readers, blocked = defaultdict(list), set()
+    def readers(self, ids, kind, flat):
+        """[(reader layer node, the node it reads, its weight as [out, units, per unit])],
+        and the units read by anything else (they stay)."""
+        readers, blocked = [], set()
         for node in self.gm.graph.nodes:
             if _reads_metadata(node):
                 continue
             for source in node.all_input_nodes:
-                if source not in space or (node in space and space[node] is space[source]
-                                           and self.layer(node) is None):
+                if source not in ids:
                     continue
-                root, layer = space[source], self.layer(node)
+                layer = self.layer(node)
+                if layer is None and node in ids:
+                    continue  # carries the units on (it is channelwise, a join or a concatenation)
                 # a convolution reads the units of an unflattened convolution output; a linear
                 # layer those of a linear layer's output, or their blocks after a flatten
-                if layer is None or isinstance(layer, _CONVS) != (kind[root] == "conv" and not flat[source]):
-                    blocked.add(root)
-                    continue
-                readers[root].append((node, source, flat[source]))
+                view = None
+                if layer is not None and isinstance(layer, _CONVS) == (kind[source] == "conv" and not flat[source]):
+                    view = self._view(layer, len(ids[source]), flat[source])
+                if view is None:
+                    blocked.update(ids[source].tolist())
+                else:
+                    readers.append((node, source, view))
         return readers, blocked
 
     def _view(self, layer, units, flattened):
@@ -474,49 +507,38 @@ class _Graph:
         return w.reshape(w.shape[0], units, -1)
 
     def cut_once(self):
-        """One round of folding constant units into readers and cutting unread ones; True
-        if anything changed."""
-        space, kind, width, flat, transfer, joins = self.spaces()
-        const = self.constants(space, transfer, joins)
-        readers, blocked = self.readers(space, kind, flat)
-        changed = False
-        for root in dict.fromkeys(space.values()):
-            members = [n for n in space if space[n] is root]
-            producers = [n for n in members if self.layer(n) is not None]
-            if root in blocked or not producers:
+        """One round: fold the constant units one reader reads into its bias, or else cut
+        every unit no reader reads; True if anything changed."""
+        ids, kind, flat, transfer, joins = self.units()
+        const = self.constants(ids, transfer, joins)
+        readers, blocked = self.readers(ids, kind, flat)
+        for reader, source, view in readers:
+            if blocked.issuperset(ids[source].tolist()):
                 continue
-            units = width[root]
-            views = [(reader, self._view(self.layer(reader), units, flattened), source)
-                     for reader, source, flattened in readers[root]]
-            if not views or any(v is None for _, v, _ in views) or any(width[n] != units for n in members):
-                continue
-            for reader, view, source in views:
-                layer = self.layer(reader)
-                c = const[source]
-                known = ~torch.isnan(c) & (view != 0).any(2).any(0)
-                exact = isinstance(layer, nn.Linear) or _reads_constants_exactly(layer)
-                fold = known & (c == 0 if not exact else torch.ones_like(known))
-                if bool(fold.any()):
-                    shift = view[:, fold].sum(2) @ c[fold].to(view.dtype)
-                    with torch.no_grad():
-                        if layer.bias is None:
-                            layer.bias = nn.Parameter(shift.clone(), requires_grad=False)
-                        else:
-                            layer.bias.add_(shift)
-                        view[:, fold] = 0
-                    changed = True
-            if changed:  # a reader's bias moved: the constants of its own space are stale
-                return True
-            used = torch.zeros(units, dtype=torch.bool)
-            for _, view, _ in views:
-                used |= (view != 0).any(2).any(0).cpu()
-            if bool(used.all()):
-                continue
-            if not bool(used.any()):
-                used[0] = True  # keep one unit, so that no layer has zero of them
-            self._cut(members, views, used)
-            return True
-        return False
+            layer = self.layer(reader)
+            c = const[source]
+            known = ~torch.isnan(c) & (view != 0).any(2).any(0)
+            exact = isinstance(layer, nn.Linear) or _reads_constants_exactly(layer)
+            fold = known & (c == 0 if not exact else torch.ones_like(known))
+            if bool(fold.any()):
+                shift = view[:, fold].sum(2) @ c[fold].to(view.dtype)
+                with torch.no_grad():
+                    if layer.bias is None:
+                        layer.bias = nn.Parameter(shift.clone(), requires_grad=False)
+                    else:
+                        layer.bias.add_(shift)
+                    view[:, fold] = 0
+                return True  # the reader's bias moved: the constants after it are stale
+        used = set(blocked)
+        for _, source, view in readers:
+            used.update(ids[source][(view != 0).any(2).any(0).cpu()].tolist())
+        for node in ids:  # keep one unit of each layer, so that no layer has zero of them
+            if self.layer(node) is not None and not used.intersection(ids[node].tolist()):
+                used.add(int(ids[node][0]))
+        if all(used.issuperset(units.tolist()) for units in ids.values()):
+            return False
+        self._cut(ids, readers, used)
+        return True
 
     def _bn(self, node):
         """The eval-mode BatchNorm (running statistics) ``node`` calls alone, or None."""
@@ -524,26 +546,33 @@ class _Graph:
         ok = m is not None and runs_as(m, _BATCHNORMS) and m.running_mean is not None and self.calls[id(m)] == 1
         return m if ok and len(node.args) == 1 and not node.kwargs else None
 
-    def _cut(self, members, views, keep):
-        """Cut the units not in ``keep`` from a space: its layers' rows, its BatchNorms, its
-        readers' columns (a layer that reads its own space loses both)."""
-        gm, rows, columns = self.gm, set(), {}
-        for node in members:
+    def _cut(self, ids, readers, used):
+        """Cut the units not in ``used`` from every node that carries them: the layers'
+        rows, the BatchNorms' statistics, the readers' columns (a layer that reads units it
+        also writes loses both)."""
+        gm, rows, columns = self.gm, {}, {}
+
+        def keep(node):
+            return torch.tensor([u in used for u in ids[node].tolist()], dtype=torch.bool)
+
+        for node in ids:
             if self.layer(node) is not None:
-                rows.add(node.target)
+                rows[node.target] = keep(node)
             elif self._bn(node) is not None:
-                _set_module(gm, node.target, _sliced_batchnorm(self._bn(node), keep), self.calls)
-        for reader, view, _ in views:
-            columns[reader.target] = view.shape[1]
-        for target in rows | set(columns):
+                _set_module(gm, node.target, _sliced_batchnorm(self._bn(node), keep(node)), self.calls)
+        for reader, source, view in readers:
+            columns[reader.target] = (view.shape[1], keep(source))
+        for target in rows.keys() | columns.keys():
             layer = gm.get_submodule(target)
             w, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
             if target in columns:
-                w = w.reshape(w.shape[0], columns[target], -1)[:, keep.to(w.device)]
+                units, kept = columns[target]
+                w = w.reshape(w.shape[0], units, -1)[:, kept.to(w.device)]
                 w = w.reshape(w.shape[0], -1) if isinstance(layer, nn.Linear) else w.reshape(
                     w.shape[0], -1, *layer.weight.shape[2:])
             if target in rows:
-                w, bias = w[keep.to(w.device)], None if bias is None else bias[keep.to(w.device)]
+                kept = rows[target].to(w.device)
+                w, bias = w[kept], None if bias is None else bias[kept]
             _set_module(gm, target, _dense_like(layer, w, bias, getattr(layer, "sparsevd_origin", False)), self.calls)
 
     # -- 4, 5: forms and chains ---------------------------------------------------------------
