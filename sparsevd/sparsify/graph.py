@@ -249,7 +249,7 @@ class _Graph:
 
     def channelwise(self, node, kind):
         """For ``node`` acting on each unit of a ``kind`` ('linear': units last, 'conv':
-        units on dimension 1, 'flat': blocks of dimension 1) space alone: f(constants per
+        units on dimension 1, 'flat': blocks of dimension 1) tensor alone: f(constants per
         unit) -> constants (NaN: not constant); None if it does not."""
         m = _module(self.gm, node)
         if m is not None:
