@@ -569,3 +569,34 @@ def test_the_graph_module_pickles_and_copies():
     fresh = sparsevd.sparsify(model, cost_model=ALWAYS_CSR, input_shape=(1, 10, 10))
     fresh.load_state_dict(fast.state_dict())
     torch.testing.assert_close(fresh(x), fast(x), rtol=0, atol=0)
+
+
+def test_conv1d_batchnorm1d_and_a_tensor_concatenated_with_itself():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = sparsevd.SparseVDConv1d(3, 6, 3), nn.BatchNorm1d(6)
+            self.mix = sparsevd.SparseVDConv1d(12, 5, 1)
+            self.fc, self.bn_fc = sparsevd.SparseVDLinear(5 * 7, 8), nn.BatchNorm1d(8)
+            self.out = sparsevd.SparseVDLinear(8, 2)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.conv(x)))
+            h = self.mix(torch.cat([h, h], 1))
+            return self.out(F.relu(self.bn_fc(self.fc(h.flatten(1)))))
+
+    torch.manual_seed(0)
+    model = _randomize(_prune(Net()))
+    with torch.no_grad():
+        model.mix.log_sigma2[:, [0, 6]] = 10  # unit 0 of h, in both places: unread
+        model.mix.log_sigma2[:, 1] = 10  # unit 1 of h: read only in its second place
+        model.out.log_sigma2[:, 3] = 10
+    x = torch.randn(4, 3, 9)
+    fast = _check(model, x, input_shape=(3, 9))
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in fast.modules()), "both BatchNorms folded"
+    shapes = {n: m.weight.shape for n, m in fast.named_modules() if isinstance(m, nn.Conv1d)}
+    assert shapes["conv"][0] == 5 and shapes["mix"][1] == 10
+    linears = [m for m in fast.modules() if isinstance(m, (nn.Linear, sparsevd.SparseLinear))]
+    read_by_out = int((model.out.mask() != 0).any(0).sum())
+    assert read_by_out <= 7 and [m.out_features for m in linears] == [read_by_out, 2], "fc's units out does not read"
+    _check(model.double(), x.double(), tol=1e-10, input_shape=(3, 9))
