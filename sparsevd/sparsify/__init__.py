@@ -37,17 +37,16 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     An ``nn.Sequential`` model gives an ``nn.Sequential`` back: a
     :class:`~sparsevd.FusedSequential` whose chains of linear layers and elementwise
     activations run as one op each (and, on CUDA, as a replayed CUDA graph per input
-    shape). Any other model is traced with torch.fx and rewritten as a whole
-    (``torch.fx.GraphModule``; see :mod:`sparsevd.sparsify.graph` for what is cut where,
-    and why that is exact); a model torch.fx cannot trace falls back, with a warning naming
+    shape). Any other model is traced with torch.fx and rewritten as a whole: a
+    ``torch.fx.GraphModule`` (or, where all of it became one chain, that
+    ``FusedSequential``); see :mod:`sparsevd.sparsify.graph` for what is cut where, and why
+    that is exact. A model torch.fx cannot trace falls back, with a warning naming
     the part that stopped the trace, to the per-module path: every ``nn.Sequential`` inside
     it is sparsified as above, and the rest runs as it is.
     """
     require_pruning_layers(model, "sparsify", warn=True)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
     cost_model = cost_model or CostModel()
     # Under torch.inference_mode the copy and the layers built from it would be inference
     # tensors, whose version counters the CSR layers read; the result is for inference
