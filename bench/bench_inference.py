@@ -8,6 +8,10 @@ pruned, random masks; what is timed does not depend on which weights survive):
   would otherwise deploy), and ``dense-compile``: ``torch.compile`` of that copy;
 - ``sparsevd``: ``sparsify(model, batch_size=B)``, chosen by the cost model for that batch.
 
+The same LeNet-300-100 written as a class with a ``forward`` (``torch.flatten``, ``F.relu``),
+as most models are, at batch 1: ``traced`` is ``sparsify`` of it (the torch.fx graph path),
+``sequential`` is ``sparsify`` of the ``nn.Sequential`` above, ``dense`` the plain copy.
+
 And one layer, 300×784 at 98.9 %, at batch 1: the raw ``torch.ops.sparsevd.csr_linear``
 call against the ``SparseLinear`` module around it, and ``nn.Linear``.
 
@@ -19,6 +23,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import harness
@@ -76,6 +81,37 @@ def test_lenet_300_100(benchmark, impl, batch):
     benchmark.group = f"LeNet-300-100 at the paper's sparsity ({total / kept:.0f}x), batch={batch}"
     harness.measure(benchmark, run, DEV, impl=impl, batch=batch, threads=harness.THREADS,
                     layers=" ".join(type(m).__name__ for m in (net.modules() if impl != "dense-compile" else [])))
+
+
+class _LeNetClass(nn.Module):
+    """The layers of ``_lenet()`` in a class with its own forward."""
+
+    def __init__(self, sequential):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = sequential[1], sequential[3], sequential[5]
+
+    def forward(self, x):
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+@pytest.mark.parametrize("impl", ["traced", "sequential", "dense"])
+def test_lenet_300_100_class_style(benchmark, impl):
+    if impl == "traced":
+        net = sparsevd.sparsify(_LeNetClass(_lenet()), batch_size=1)
+    else:
+        net = _model("sparsevd" if impl == "sequential" else "dense", 1)
+    x = torch.rand(1, 1, 28, 28, device=DEV)
+
+    def run():
+        with torch.no_grad():
+            net(x)
+
+    benchmark.group = "LeNet-300-100 at the paper's sparsity, batch=1: class-style (traced) vs nn.Sequential"
+    harness.measure(benchmark, run, DEV, impl=impl, batch=1, threads=harness.THREADS,
+                    layers=" ".join(type(m).__name__ for m in net.modules()))
 
 
 @pytest.mark.parametrize("impl", ["sparsevd", "raw-op", "nn.Linear"])

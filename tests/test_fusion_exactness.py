@@ -289,9 +289,6 @@ def csr_cost_model():
                               cuda=dataclasses.replace(cost.cuda, dense_overhead_s=math.inf))
 
 
-@pytest.mark.xfail(strict=True, reason="sparsify's unit cutting (sparsify.py, being rewritten on the traced-graph "
-                                       "branch) rebuilds an nn.Linear subclass as a plain nn.Linear; it should "
-                                       "leave what fails plain.runs_as alone")
 def test_sparsify_does_not_cut_units_into_an_nn_linear_subclass():
     torch.manual_seed(0)
     model = nn.Sequential(sparsevd.SparseVDLinear(12, 9), nn.ReLU(), _linear(4, 9, 1, ScaledLinear)).eval()
@@ -299,5 +296,19 @@ def test_sparsify_does_not_cut_units_into_an_nn_linear_subclass():
         model[0].log_sigma2.fill_(-10)
         model[0].log_sigma2[:4] = 20  # 4 dead output units, which the next layer's input could lose
     x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(sparsevd.sparsify(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("subclass_first", [True, False])
+def test_sparsify_folds_sbp_only_into_plain_layers(subclass_first):
+    torch.manual_seed(0)
+    first, second = (ScaledLinear, nn.Linear) if subclass_first else (nn.Linear, ScaledLinear)
+    sbp = sparsevd.SBPDropout(7)
+    with torch.no_grad():
+        sbp.mu.uniform_(0.5, 2.0)
+        sbp.log_sigma[:3] = 3.0  # SNR < 1: pruned, scale 0; the others scale by E[θ] ≠ 1
+    model = nn.Sequential(_linear(7, 9, 1, first), sbp, nn.ReLU(), _linear(4, 7, 2, second)).eval()
+    x = torch.randn(5, 9)
     with torch.no_grad():
         torch.testing.assert_close(sparsevd.sparsify(model)(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""sparsify(model): turn a trained SparseVD model into the fastest correct inference model.
+"""sparsify's per-module path: what it does inside each ``nn.Sequential`` of a model (the
+whole path for an ``nn.Sequential`` model and for models torch.fx cannot trace).
 
 Each SparseVD layer becomes its masked weight in the form a cost model predicts to be
 fastest for the given batch size and device: CSR (:class:`SparseLinear`,
@@ -12,25 +13,22 @@ no later layer reads, shrinking the neighbouring layers of a Sequential.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
-import math
-import dataclasses
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .attention import SparseVDMultiheadAttention
-from .conv import _SparseVDConvNd
-from .embedding import SparseEmbedding, SparseVDEmbedding
-from .inference import FusedSequential
-from .layers import SparseVDLinear
-from .report import kept_weights
-from .sbp import SBPDropout
-from .sparse_attention import SparseMultiheadAttention
-from .shapes import output_positions
-from .sparse import SparseConv1d, SparseConv2d, SparseLinear
+from ..attention import SparseVDMultiheadAttention
+from ..conv import _SparseVDConvNd
+from ..embedding import SparseEmbedding, SparseVDEmbedding
+from ..inference import FusedSequential
+from ..layers import SparseVDLinear
+from ..plain import runs_as
+from ..report import kept_weights
+from ..sbp import SBPDropout
+from ..shapes import output_positions
+from ..sparse_attention import SparseMultiheadAttention
+from ..sparse import SparseConv1d, SparseConv2d, SparseLinear
 
 #: Modules that act on each feature separately (in eval mode), so a unit can be cut
 #: through them and a constant unit stays a constant.
@@ -48,77 +46,6 @@ _CONVS = (nn.Conv1d, nn.Conv2d)
 _SPARSE_CONV = {nn.Conv1d: SparseConv1d, nn.Conv2d: SparseConv2d}
 
 
-@dataclass(frozen=True)
-class DeviceCost:
-    """time ≈ overhead + max(bytes / bandwidth, flops / rate), one line per form."""
-
-    dense_overhead_s: float
-    dense_bandwidth: float  # bytes/s streaming the dense weight
-    dense_rate_fp32: float  # flop/s of a strict-fp32 GEMM
-    dense_rate_fast: float  # flop/s of a 16-bit (or TF32) GEMM
-    csr_overhead_s: float
-    csr_bandwidth: float  # bytes/s streaming values + indices
-    csr_rate: float  # useful flop/s of the SpMM
-    im2col_bandwidth: float = 1e9  # bytes/s of im2col patches (F.unfold + the copy the SpMM reads)
-
-
-# Fitted to 4096x4096 at 98% sparsity, batch 1-4096 (the cases that decide the choice):
-# CPU: this project's 2-core AMD EPYC CI machine, 2 threads; GPU: H100 80GB, torch 2.11.
-# Both sets of measurements are in bench/results/.
-# im2col: CPU measured on the CI machine (0.3-1.3 GB/s of patches for LeNet-5-sized inputs,
-# against dense convolutions that never write patches); CUDA is an estimate, not measured.
-CPU_COST = DeviceCost(3e-6, 21e9, 150e9, 150e9, 4e-6, 30e9, 42e9, im2col_bandwidth=1e9)
-CUDA_COST = DeviceCost(6e-6, 2.4e12, 50e12, 420e12, 3e-6, 0.8e12, 3.5e12, im2col_bandwidth=0.5e12)
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Predicts dense vs CSR time of a linear layer on a device type; pass your own
-    :class:`DeviceCost` values to ``sparsify`` for other machines."""
-
-    cpu: DeviceCost = CPU_COST
-    cuda: DeviceCost = CUDA_COST
-
-    @classmethod
-    def dense(cls):
-        """A cost model under which every layer stays dense: ``sparsify`` then gives the
-        plain inference copy (θ ⊙ mask in ordinary dense layers, dead units cut) that the
-        sparse forms have to beat."""
-        return cls(cpu=dataclasses.replace(CPU_COST, csr_overhead_s=math.inf),
-                   cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=math.inf))
-
-    def time(self, form, out_features, in_features, nnz, batch, device_type, element_size=4):
-        c = self.cuda if device_type == "cuda" else self.cpu
-        if form == "dense":
-            size = out_features * in_features
-            fast = element_size < 4 or (device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
-            rate = c.dense_rate_fast if fast else c.dense_rate_fp32
-            return c.dense_overhead_s + max(size * element_size / c.dense_bandwidth, 2 * size * batch / rate)
-        return c.csr_overhead_s + max(nnz * (element_size + 4) / c.csr_bandwidth, 2 * nnz * batch / c.csr_rate)
-
-    def choose(self, out_features, in_features, nnz, batch, device_type, element_size=4):
-        args = (out_features, in_features, nnz, batch, device_type, element_size)
-        return "csr" if self.time("csr", *args) < self.time("dense", *args) else "dense"
-
-    def conv_time(self, form, weight_shape, groups, nnz, batch, positions, device_type, element_size=4):
-        """A convolution with weight ``[out, C / groups, *kernel]`` at ``positions`` output
-        positions per example, as the GEMM [batch·positions, C/groups·∏kernel] ×
-        [C/groups·∏kernel, out]. The CSR form first builds the im2col patches
-        ([batch·positions, C·∏kernel]) at ``im2col_bandwidth``, which the dense
-        convolution does not, so on CPU it pays only at very high sparsity and small inputs."""
-        out_channels, patch = weight_shape[0], math.prod(weight_shape[1:])
-        rows = batch * positions
-        time = self.time(form, out_channels, patch, nnz, rows, device_type, element_size)
-        if form == "csr":
-            c = self.cuda if device_type == "cuda" else self.cpu
-            time += rows * patch * groups * element_size / c.im2col_bandwidth
-        return time
-
-    def choose_conv(self, weight_shape, groups, nnz, batch, positions, device_type, element_size=4):
-        args = (weight_shape, groups, nnz, batch, positions, device_type, element_size)
-        return "csr" if self.conv_time("csr", *args) < self.conv_time("dense", *args) else "dense"
-
-
 def _masked_dense(layer):
     """The dense torch layer holding θ ⊙ mask of a SparseVD layer (an exact eval-mode copy)."""
     with torch.no_grad():
@@ -133,14 +60,17 @@ INFERENCE_FORMS = {
 }
 
 
-def _replace_sparsevd(module, shrink):
+def replace_sparsevd(module, shrink):
+    """Every SparseVD layer of ``module`` as the dense torch layer of its θ ⊙ mask, and every
+    layer of :data:`INFERENCE_FORMS` as its inference module (``shrink``: with its dead
+    parts, such as attention heads, cut)."""
     for name, child in module.named_children():
         if isinstance(child, (SparseVDLinear, _SparseVDConvNd)):
             setattr(module, name, _masked_dense(child))
         elif type(child) in INFERENCE_FORMS:
             setattr(module, name, INFERENCE_FORMS[type(child)](child, shrink))
         else:
-            _replace_sparsevd(child, shrink)
+            replace_sparsevd(child, shrink)
 
 
 def _dense_like(layer, weight, bias, origin):
@@ -234,15 +164,15 @@ def _pairable(seq, i, j):
     """True if seq[j] reads seq[i]'s output units one for one through what lies between."""
     a, between = seq[i], [seq[k] for k in range(i + 1, j)]
     if isinstance(a, nn.Linear):
-        return all(isinstance(m, ELEMENTWISE) for m in between)
+        return all(runs_as(m, ELEMENTWISE) for m in between)
     if a.groups != 1:
         return False
     if isinstance(seq[j], nn.Linear):  # a convolution's channels reach a linear layer only through a Flatten
-        flat = [m for m in between if isinstance(m, nn.Flatten)]
+        flat = [m for m in between if runs_as(m, (nn.Flatten,))]
         if len(flat) != 1 or between[-1] is not flat[0] or (flat[0].start_dim, flat[0].end_dim) != (1, -1):
             return False
         between = between[:-1]
-    return all(isinstance(m, CHANNELWISE) for m in between)
+    return all(runs_as(m, CHANNELWISE) for m in between)
 
 
 def _shrink_sequentials(module):
@@ -253,7 +183,7 @@ def _shrink_sequentials(module):
     changed = True
     while changed:
         changed = False
-        layers = [k for k, m in enumerate(module) if isinstance(m, (nn.Linear, *_CONVS))]
+        layers = [k for k, m in enumerate(module) if runs_as(m, (nn.Linear, *_CONVS))]
         for i, j in zip(layers, layers[1:]):
             if _pairable(module, i, j):
                 changed |= _shrink_pair(module, i, j)
@@ -303,12 +233,12 @@ def _fold_sbp_into_producer(seq, k, scale):
     before it, through a BatchNorm right after that layer (folded into it too) and
     positively homogeneous modules. True if done."""
     i = next((i for i in range(k - 1, -1, -1) if isinstance(seq[i], (nn.Linear, *_CONVS))), None)
-    if i is None or not _sbp_reads(seq[k], seq[i], output=True):
+    if i is None or not runs_as(seq[i], (nn.Linear, *_CONVS)) or not _sbp_reads(seq[k], seq[i], output=True):
         return False
     layer, between = seq[i], list(range(i + 1, k))
     allowed = HOMOGENEOUS if isinstance(layer, nn.Linear) else CHANNEL_HOMOGENEOUS
-    norms = [n for n in between if isinstance(seq[n], _BATCHNORMS)]
-    if not all(isinstance(seq[n], allowed) or n in norms for n in between):
+    norms = [n for n in between if runs_as(seq[n], _BATCHNORMS)]
+    if not all(runs_as(seq[n], allowed) or n in norms for n in between):
         return False
     # a BatchNorm folds only where it reads the layer's outputs directly
     if norms and (norms != [i + 1] or not _fold_batchnorm(layer, seq[i + 1])):
@@ -323,7 +253,7 @@ def _fold_sbp_into_producer(seq, k, scale):
     # a BatchNorm after the SBP now reads the scaled layer directly: fold it as well, so
     # that the pruned units become constant and _shrink_sequentials can cut them
     after = next((n for n in range(k + 1, len(seq)) if not isinstance(seq[n], nn.Identity)), None)
-    if after is not None and isinstance(seq[after], _BATCHNORMS) and _fold_batchnorm(layer, seq[after]):
+    if after is not None and runs_as(seq[after], _BATCHNORMS) and _fold_batchnorm(layer, seq[after]):
         seq[after] = nn.Identity()
     return True
 
@@ -334,10 +264,10 @@ def _fold_sbp_into_consumer(seq, k, scale):
     inputs are then the units' blocks). True if done."""
     sbp = seq[k]
     j = next((j for j in range(k + 1, len(seq)) if isinstance(seq[j], (nn.Linear, *_CONVS))), None)
-    if j is None:
+    if j is None or not runs_as(seq[j], (nn.Linear, *_CONVS)):
         return False
     layer, between = seq[j], [seq[n] for n in range(k + 1, j)]
-    flat = [m for m in between if isinstance(m, nn.Flatten)]
+    flat = [m for m in between if runs_as(m, (nn.Flatten,))]
     w = layer.weight
     if flat:
         if (len(flat) != 1 or between[-1] is not flat[0] or (flat[0].start_dim, flat[0].end_dim) != (1, -1)
@@ -346,7 +276,7 @@ def _fold_sbp_into_consumer(seq, k, scale):
         between = between[:-1]
     elif not _sbp_reads(sbp, layer, output=False):
         return False
-    if not all(isinstance(m, CHANNEL_HOMOGENEOUS if sbp.dim == 1 else HOMOGENEOUS) for m in between):
+    if not all(runs_as(m, CHANNEL_HOMOGENEOUS if sbp.dim == 1 else HOMOGENEOUS) for m in between):
         return False
     with torch.no_grad():
         view = w.reshape(w.shape[0], sbp.num_features, -1) if isinstance(layer, nn.Linear) else w
@@ -405,42 +335,14 @@ def _fuse_sequentials(module):
     return FusedSequential(OrderedDict(module._modules)) if type(module) is nn.Sequential else module
 
 
-def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None):
-    """An inference copy of ``model`` (eval mode) with every SBPDropout folded into a
-    neighbouring layer (its pruned units cut), and every SparseVD layer pruned and
-    replaced by a CSR layer (:class:`SparseLinear`, :class:`SparseConv2d`,
-    :class:`SparseConv1d`) or a (smaller) dense ``nn.Linear``/``nn.Conv*d``, whichever
-    ``cost_model`` predicts faster at ``batch_size`` on the model's device. The result
-    computes what ``model.eval()`` computes, up to float rounding. ``model`` is unchanged.
-
-    A convolution's cost depends on its number of output positions: pass ``input_shape``,
-    the shape of one example without the batch (``(1, 28, 28)``, say), to let the cost
-    model choose for convolutions; without it they stay dense (masked, dead filters cut).
-
-    Every ``nn.Sequential`` of the result is a :class:`~sparsevd.FusedSequential`: its
-    chains of linear layers and elementwise activations run as one op each (and, on CUDA,
-    as a replayed CUDA graph per input shape), the per-layer calls being what dominates a
-    pruned network's time at small batches.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if torch.is_inference_mode_enabled():  # a copy of inference tensors could never serve autograd later
-        with torch.inference_mode(False):
-            return sparsify(model, batch_size, cost_model, shrink, input_shape)
-    cost_model = cost_model or CostModel()
-    inference = copy.deepcopy(model).eval()
-    _replace_sparsevd(inference, shrink)
+def sparsify_modules(inference, batch_size, cost_model, shrink, input_shape):
+    """The per-module path: SBPDropout folded, dead units cut and chains fused inside each
+    nn.Sequential of ``inference`` (an eval-mode copy whose SparseVD layers are already
+    masked dense layers); the rest of the model is opaque to it."""
     _fold_sbp(inference)
     positions = {} if input_shape is None else output_positions(inference, input_shape, _CONVS)
     if shrink:
         _shrink_sequentials(inference)
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    device_type = next((p.device.type for p in inference.parameters()), "cpu")
     _choose_forms(inference, batch_size, cost_model, device_type, positions)
-    for m in inference.modules():
-        if hasattr(m, "sparsevd_origin"):
-            del m.sparsevd_origin
-        if hasattr(m, "_sbp_folded"):
-            del m._sbp_folded
-    for p in inference.parameters():  # the layers built above too: an inference copy trains nothing
-        p.requires_grad_(False)
-    return _fuse_sequentials(inference).eval()
+    return _fuse_sequentials(inference)
