@@ -136,7 +136,7 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
             bar.update(1)
             if i % 20 == 0 and not bar.disable:  # this rank's examples so far
                 postfix = {"loss": f"{total_loss / seen:.3f}", "acc": f"{correct / seen:.3f}"}
-                if sparse_vd or sbp:
+                if (sparse_vd or sbp) and warmup is not None:  # fine-tuning has no KL
                     postfix["warmup"] = f"{factor:.2f}"
                 if sparse_vd and not sbp:  # counting through SBP layers copies the model: units instead
                     kept, total = sparsevd.compression(model)

@@ -1,0 +1,163 @@
+"""The README and docs/ as a new user meets them: every ```python block runs as written (the
+blocks of one page in order, as one script, so a page's later examples use what its first
+one trained), every link leads somewhere, the README fits on a page and its two commands are
+the ones CI runs, and the demo prints what the README says it prints.
+
+A block that is not meant to run is either not ```python (```bash, ```text, output) or is
+preceded by a ``<!-- no-test: why -->`` line. To keep this fast, a block's ``epochs = N``
+line runs as ``epochs = 1``: the examples are checked for running, not for their figures.
+"""
+
+import pathlib
+import re
+import shlex
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NO_TEST = "<!-- no-test"
+FENCE = re.compile(r"^```(\S*)\s*$")
+
+
+def code_blocks(text):
+    """``(language, code, runs, line)`` of every fenced block of a markdown ``text``."""
+    blocks, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        start = i
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        if end is None:
+            raise ValueError(f"line {start + 1}: a code fence that is never closed")
+        before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        language = match.group(1)
+        blocks.append((language, "\n".join(lines[start + 1 : end]),
+                       language == "python" and not before.startswith(NO_TEST), start + 1))
+        i = end + 1
+    return blocks
+
+
+def shortened(code):
+    return re.sub(r"^(\s*)epochs = \d+\s*$", r"\1epochs = 1", code, flags=re.MULTILINE)
+
+
+def test_code_blocks_are_found_and_markers_are_honoured():
+    text = ("intro\n```python\nx = 1\n```\n\n<!-- no-test: a fragment -->\n```python\nundefined_name\n```\n"
+            "```bash\npip install sparsevd\n```\n```\noutput\n```\n")
+    assert [(lang, runs) for lang, _, runs, _ in code_blocks(text)] == \
+        [("python", True), ("python", False), ("bash", False), ("", False)]
+    with pytest.raises(ValueError, match="line 1: a code fence that is never closed"):
+        code_blocks("```python\nx = 1\n")
+    assert shortened("epochs = 40\nfor epoch in range(epochs):\n    epochs = 7") == \
+        "epochs = 1\nfor epoch in range(epochs):\n    epochs = 1"
+
+
+RUNNABLE = [page for page in PAGES if any(runs for _, _, runs, _ in code_blocks(page.read_text()))]
+
+
+@pytest.mark.parametrize("page", RUNNABLE, ids=[p.name for p in RUNNABLE])
+def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks may write files (an exported program)
+    torch.manual_seed(0)
+    namespace = {"__name__": f"docs_{page.stem}"}
+    for _, code, runs, line in code_blocks(page.read_text()):
+        if runs:
+            try:
+                exec(compile(shortened(code), f"{page.name}:{line}", "exec"), namespace)
+            except Exception as error:
+                raise AssertionError(f"the ```python block at {page.name} line {line} failed: {error!r}") from error
+
+
+def test_the_pages_that_should_have_runnable_examples_have_them():
+    assert {p.name for p in RUNNABLE} >= {"README.md", "usage.md", "inference.md", "transformers.md"}
+
+
+def _slug(heading):
+    """GitHub's anchor of a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def _anchors(page):
+    return {_slug(line.lstrip("#")) for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def _links(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
+    return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_links_lead_to_files_and_headings_that_exist(page):
+    for target in _links(page):
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        assert dest.exists(), f"{page.name} links to {target}, which does not exist"
+        if anchor and dest.suffix == ".md":
+            assert anchor in _anchors(dest), f"{page.name} links to {target}: no such heading"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in _links(ROOT / "README.md")}
+    missing = [p.name for p in PAGES[1:] if p.resolve() not in linked]
+    assert not missing, f"docs pages the README does not link: {missing}"
+
+
+def test_the_readme_fits_on_a_page():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 120
+
+
+def _commands(page):
+    return [code.strip() for lang, code, _, _ in code_blocks(page.read_text()) if code.strip().startswith("pip install")]
+
+
+def test_the_readme_commands_are_the_ones_ci_runs():
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip install")]
+    assert len(ci) == 1
+    tests = ci[0]
+    demo = tests.replace('-e ".[test]"', '-e ".[demo]"').replace("python -m pytest tests", "python -m sparsevd.demo")
+    assert demo != tests and shlex.split(demo)[-1] == "sparsevd.demo"
+    assert _commands(ROOT / "README.md") == [demo, tests]
+
+
+def test_the_demo_prints_what_the_readme_quotes(capsys):
+    from sparsevd.experiments import demo
+
+    demo.main(["--dense-epochs", "1", "--epochs", "1", "--finetune-epochs", "1"])
+    out = capsys.readouterr().out
+    for line in ("dense LeNet-300-100: test accuracy", "SparseVD from the dense network: test accuracy",
+                 "fine-tuned with the mask fixed: test accuracy", "SparseVDLinear", "SparseVD LeNet-300-100: test "
+                 "accuracy", "fewer weights", "faster at batch 1 ", "faster at batch 64 "):
+        assert line in out, f"the demo no longer prints {line!r}:\n{out}"
+    readme = (ROOT / "README.md").read_text()
+    assert "SparseVD LeNet-300-100: test accuracy" in readme and "faster at batch 64" in readme
+
+
+@pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "--epochs must be ≥ 1, got 0"),
+                                           (["--dense-epochs", "0"], "--dense-epochs must be ≥ 1, got 0"),
+                                           (["--finetune-epochs", "-1"], "--finetune-epochs must be ≥ 0, got -1"),
+                                           (["--threshold", "nan"], "--threshold must be a finite number"),
+                                           (["--lr", "0"], "--lr must be > 0")])
+def test_the_demo_refuses_bad_flags_in_one_line(argv, message, capsys):
+    from sparsevd.experiments import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"sparsevd-demo: error: {message}" in err and "Traceback" not in err
+
+
+def test_the_example_commands_of_the_training_help_are_whole_lines():
+    # a backslash at a line's end in the description once joined two lines into one
+    # command with a run of spaces in it
+    from sparsevd.experiments import config
+
+    commands = [line.strip() for line in config.DESCRIPTION.splitlines() if line.strip().startswith("sparsevd-")]
+    assert len(commands) >= 4
+    for command in commands:
+        assert "  " not in command, command
