@@ -4,13 +4,17 @@ one trained), every link leads somewhere, the README fits on a page and its two 
 the ones CI runs, and the demo prints what the README says it prints.
 
 A block that is not meant to run is either not ```python (```bash, ```text, output) or is
-preceded by a ``<!-- no-test: why -->`` line. To keep this fast, a block's ``epochs = N``
+preceded by a ``<!-- no-test: why -->`` line; one preceded by ``<!-- torchrun: N -->`` is a
+script of its own, run on N processes by torchrun. To keep this fast, a block's ``epochs = N``
 line runs as ``epochs = 1``: the examples are checked for running, not for their figures.
 """
 
+import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,11 +22,14 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NO_TEST = "<!-- no-test"
+TORCHRUN = re.compile(r"<!-- torchrun: (\d+) -->")
 FENCE = re.compile(r"^```(\S*)\s*$")
 
 
 def code_blocks(text):
-    """``(language, code, runs, line)`` of every fenced block of a markdown ``text``."""
+    """``(language, code, runs, line)`` of every fenced block of a markdown ``text``; ``runs``:
+    True for a block of the page's script, the number of processes for a torchrun script,
+    False for a block that does not run."""
     blocks, lines, i = [], text.splitlines(), 0
     while i < len(lines):
         match = FENCE.match(lines[i])
@@ -34,9 +41,10 @@ def code_blocks(text):
         if end is None:
             raise ValueError(f"line {start + 1}: a code fence that is never closed")
         before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
-        language = match.group(1)
-        blocks.append((language, "\n".join(lines[start + 1 : end]),
-                       language == "python" and not before.startswith(NO_TEST), start + 1))
+        language, processes = match.group(1), TORCHRUN.fullmatch(before.strip())
+        runs = language == "python" and not before.startswith(NO_TEST) and (int(processes.group(1)) if processes
+                                                                            else True)
+        blocks.append((language, "\n".join(lines[start + 1 : end]), runs, start + 1))
         i = end + 1
     return blocks
 
@@ -47,16 +55,16 @@ def shortened(code):
 
 def test_code_blocks_are_found_and_markers_are_honoured():
     text = ("intro\n```python\nx = 1\n```\n\n<!-- no-test: a fragment -->\n```python\nundefined_name\n```\n"
-            "```bash\npip install sparsevd\n```\n```\noutput\n```\n")
+            "```bash\npip install sparsevd\n```\n```\noutput\n```\n<!-- torchrun: 2 -->\n```python\nimport os\n```\n")
     assert [(lang, runs) for lang, _, runs, _ in code_blocks(text)] == \
-        [("python", True), ("python", False), ("bash", False), ("", False)]
+        [("python", True), ("python", False), ("bash", False), ("", False), ("python", 2)]
     with pytest.raises(ValueError, match="line 1: a code fence that is never closed"):
         code_blocks("```python\nx = 1\n")
     assert shortened("epochs = 40\nfor epoch in range(epochs):\n    epochs = 7") == \
         "epochs = 1\nfor epoch in range(epochs):\n    epochs = 1"
 
 
-RUNNABLE = [page for page in PAGES if any(runs for _, _, runs, _ in code_blocks(page.read_text()))]
+RUNNABLE = [page for page in PAGES if any(runs is True for _, _, runs, _ in code_blocks(page.read_text()))]
 
 
 @pytest.mark.parametrize("page", RUNNABLE, ids=[p.name for p in RUNNABLE])
@@ -65,14 +73,29 @@ def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
     torch.manual_seed(0)
     namespace = {"__name__": f"docs_{page.stem}"}
     for _, code, runs, line in code_blocks(page.read_text()):
-        if runs:
+        if runs is True:
             try:
                 exec(compile(shortened(code), f"{page.name}:{line}", "exec"), namespace)
             except Exception as error:
                 raise AssertionError(f"the ```python block at {page.name} line {line} failed: {error!r}") from error
 
 
+SCRIPTS = [(page, code, runs, line) for page in PAGES for _, code, runs, line in code_blocks(page.read_text())
+           if runs not in (True, False)]
+
+
+@pytest.mark.parametrize("page, code, processes, line", SCRIPTS, ids=[f"{p.name}:{n}" for p, _, _, n in SCRIPTS])
+def test_torchrun_scripts_run_as_written(page, code, processes, line, tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(shortened(code))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(processes), str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, f"the torchrun script at {page.name} line {line} failed:\n{result.stderr[-3000:]}"
+
+
 def test_the_pages_that_should_have_runnable_examples_have_them():
+    assert SCRIPTS, "the torchrun scripts are no longer found"
     assert {p.name for p in RUNNABLE} >= {"README.md", "usage.md", "inference.md", "transformers.md"}
 
 
