@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import sparsevd
+from sparsevd.reference import THRESHOLD
 
 from . import measure, thresholds
 from .data import mnist_5k, train_test_split
@@ -39,13 +40,15 @@ def train_phase(model, loss_fn, x, y, epochs, lr, desc, warmup=None, batch_size=
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="sparsevd-demo", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dense-epochs", type=int, default=30, help="training epochs of the dense network")
-    parser.add_argument("--epochs", type=int, default=30,
-                        help="SparseVD epochs from the dense network (the KL weight ramps 0 → 1 over the first third)")
-    parser.add_argument("--finetune-epochs", type=int, default=10,
+    parser.add_argument("--dense-epochs", type=int, default=50, help="training epochs of the dense network")
+    parser.add_argument("--epochs", type=int, default=100,
+                        help="SparseVD epochs from the dense network (the KL weight ramps 0 → 1 over the first "
+                             "third)")
+    parser.add_argument("--finetune-epochs", type=int, default=20,
                         help="epochs of fine-tuning with the mask fixed (data term only)")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate of the SparseVD epochs")
-    parser.add_argument("--threshold", type=float, default=3.0, help="the mask keeps the weights with log α below it")
+    parser.add_argument("--threshold", type=float, default=THRESHOLD,
+                        help="the mask keeps the weights with log α below it")
     parser.add_argument("--seed", type=int, default=0, help="of the train/test split and the initialisation")
     args = parser.parse_args(argv)
     for flag in ("dense_epochs", "epochs", "finetune_epochs"):
@@ -95,6 +98,7 @@ def main(argv=None):
     print()
     print(f"SparseVD LeNet-300-100: test accuracy {acc:.2%} against {dense_acc:.2%} dense "
           f"({100 * (acc - dense_acc):+.1f} points) with {total / kept:.0f}× fewer weights ({kept:,} of {total:,})")
+    # the training command's timings, which read the network's name and the repeats from its flags
     timings = measure.inference_timings(types.SimpleNamespace(model="lenet300", timing_repeats=50), model,
                                         test_x[:64])
     print("sparsify(model) against the dense network, one CPU thread: " + ", ".join(
