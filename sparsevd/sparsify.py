@@ -28,6 +28,7 @@ from .report import kept_weights
 from .sbp import SBPDropout
 from .shapes import output_positions
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
+from .training import require_pruning_layers
 
 #: Modules that act on each feature separately (in eval mode), so a unit can be cut
 #: through them and a constant unit stays a constant.
@@ -411,6 +412,8 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    require_pruning_layers(model, "sparsify", warn=True,
+                           hint="; without them sparsify returns a copy that computes what the model does")
     cost_model = cost_model or CostModel()
     inference = copy.deepcopy(model).eval()
     _replace_sparsevd(inference)
