@@ -103,4 +103,4 @@ def main(argv=None):
                                         test_x[:64])
     print("sparsify(model) against the dense network, one CPU thread: " + ", ".join(
         f"{t['speedup']:.1f}× faster at batch {t['batch']} ({1e6 * t['dense_network_s']:.0f} → "
-        f"{1e6 * t['sparsified_s']:.0f} µs)" for t in timings))
+        f"{1e6 * t['sparsified_s']:.0f} µs)" for t in timings if t["batch"] in (1, 64)))
