@@ -1,7 +1,8 @@
 """The README and docs/ as a new user meets them: every ```python block runs as written (the
 blocks of one page in order, as one script, so a page's later examples use what its first
 one trained), every link leads somewhere, the README fits on a page and its two commands are
-the ones CI runs, and the demo prints what the README says it prints.
+the ones CI runs, and the demo prints what the README says it prints. Also what the commands
+print beside the docs (issue 20's small points): help texts, log lines, progress bars.
 
 A block that is not meant to run is either not ```python (```bash, ```text, output) or is
 preceded by a ``<!-- no-test: why -->`` line; one preceded by ``<!-- torchrun: N -->`` is a
@@ -18,6 +19,8 @@ import sys
 
 import pytest
 import torch
+
+import sparsevd
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -177,6 +180,9 @@ def test_the_demo_refuses_bad_flags_in_one_line(argv, message, capsys):
     assert f"sparsevd-demo: error: {message}" in err and "Traceback" not in err
 
 
+# ------------------------------------------- what the commands print: help, log lines, bars
+
+
 def test_the_example_commands_of_the_training_help_are_whole_lines():
     # a backslash at a line's end in the description once joined two lines into one
     # command with a run of spaces in it
@@ -186,3 +192,43 @@ def test_the_example_commands_of_the_training_help_are_whole_lines():
     assert len(commands) >= 4
     for command in commands:
         assert "  " not in command, command
+
+
+def test_the_plain_training_loop_names_the_threshold_its_counts_are_at():
+    # as the training command's epoch lines do: a count "at log α < 3" next to a results
+    # table at another threshold read as a contradiction
+    from sparsevd.experiments.data import mnist_5k
+    from sparsevd.experiments.loop import train
+
+    x, y = mnist_5k()
+    model = torch.nn.Sequential(sparsevd.SparseVDLinear(784, 10))
+    lines = []
+    train(model, x[:200], y[:200], epochs=10, log=lines.append)
+    assert len(lines) == 1 and "at log α < 3 (training threshold)" in lines[0], lines
+
+
+class _Bar:
+    disable = False
+
+    def __init__(self):
+        self.postfixes = []
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, postfix, refresh=True):
+        self.postfixes.append(postfix)
+
+
+@pytest.mark.parametrize("warmup", [None, sparsevd.KLWarmup(0, 1)])
+def test_the_progress_bar_shows_a_kl_warmup_only_where_there_is_one(warmup):
+    # fine-tuning with the mask fixed trains without the KL: no "warmup=1.00" there
+    from sparsevd.experiments.loop import data_loss, make_loss, train_epoch
+
+    model = torch.nn.Sequential(sparsevd.SparseVDLinear(6, 3))
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    loss = make_loss(model, 40) if warmup is not None else data_loss()
+    bar = _Bar()
+    train_epoch(model, torch.optim.Adam(model.parameters()), loss, x, y, 10, warmup=warmup, bar=bar)
+    assert bar.postfixes and all(("warmup" in p) == (warmup is not None) for p in bar.postfixes)
+    assert all("compression" in p for p in bar.postfixes)

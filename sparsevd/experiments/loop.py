@@ -163,7 +163,7 @@ def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, kl_weight=1
         if sparsevd.sparsevd_modules(model) and (epoch + 1) % 10 == 0:
             kept, total = sparsevd.compression(model)
             log(f"  epoch {epoch + 1:3d}  loss {stats.loss:.3f}  KL weight {kl_weight * stats.warmup:.2f}  "
-                f"kept {kept}/{total} at log α < {threshold_of(model)}")
+                f"kept {kept}/{total} at {kept_where(model, 'training threshold')}")
     return model
 
 
