@@ -232,3 +232,21 @@ def test_the_progress_bar_shows_a_kl_warmup_only_where_there_is_one(warmup):
     train_epoch(model, torch.optim.Adam(model.parameters()), loss, x, y, 10, warmup=warmup, bar=bar)
     assert bar.postfixes and all(("warmup" in p) == (warmup is not None) for p in bar.postfixes)
     assert all("compression" in p for p in bar.postfixes)
+
+
+def test_the_training_command_copies_a_dense_network_without_the_plain_model_warning():
+    # the results of a dense run count its weights through these copies; sparsify()
+    # warns of a model that prunes nothing, which a dense run's log must not show
+    import warnings
+
+    from sparsevd.experiments.loop import cut_copy, pruned_copy
+    from sparsevd.experiments.models import lenet_300_100
+
+    dense = lenet_300_100(bayesian=False)
+    x = torch.rand(3, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        copies = [pruned_copy(dense), cut_copy(dense)]
+    for copied in copies:
+        assert not copied.training and copied is not dense
+        torch.testing.assert_close(copied(x), dense(x))

@@ -4,6 +4,7 @@ applied at every step, error rates, what a pruning network keeps, and a plain
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import NamedTuple
@@ -56,13 +57,18 @@ def pruned_copy(model):
     """An eval-mode copy of ``model`` in plain dense layers of the same shapes and names,
     every weight it prunes set to zero: θ ⊙ mask of the SparseVD layers, each SBPDropout's
     E[θ]·mask folded into a neighbouring layer (the rows, or the columns, of its pruned
-    units zero)."""
+    units zero); of a dense network, an eval-mode copy (sparsify warns of a model that
+    prunes nothing)."""
+    if not prunes(model):
+        return copy.deepcopy(model).eval()
     return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense(), shrink=False)
 
 
 def cut_copy(model):
     """:func:`pruned_copy` with the pruned units cut (the layers around them shrink, names
     kept): the dense network the pruning leaves."""
+    if not prunes(model):
+        return copy.deepcopy(model).eval()
     return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense())
 
 
