@@ -250,3 +250,11 @@ def test_the_training_command_copies_a_dense_network_without_the_plain_model_war
     for copied in copies:
         assert not copied.training and copied is not dense
         torch.testing.assert_close(copied(x), dense(x))
+
+
+def test_the_demo_survives_a_threshold_that_prunes_every_weight(capsys):
+    from sparsevd.experiments import demo
+
+    demo.main(["--dense-epochs", "1", "--epochs", "1", "--finetune-epochs", "0", "--threshold", "-100"])
+    out = capsys.readouterr().out
+    assert "inf× fewer weights (0 of 266,200)" in out, out

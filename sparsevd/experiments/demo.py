@@ -18,7 +18,7 @@ from sparsevd.reference import THRESHOLD
 
 from . import measure, thresholds
 from .data import mnist_5k, train_test_split
-from .loop import accuracy, data_loss, make_loss, train_epoch
+from .loop import accuracy, compression_ratio, data_loss, make_loss, train_epoch
 from .models import lenet_300_100
 
 
@@ -79,9 +79,8 @@ def main(argv=None):
     seconds = train_phase(model, make_loss(model, n), train_x, train_y, args.epochs, args.lr, "2/3 SparseVD",
                           warmup)
     thresholds.apply(model, args.threshold)
-    kept, total = sparsevd.compression(model)
     print(f"SparseVD from the dense network: test accuracy {accuracy(model, test_x, test_y):.2%}, "
-          f"{total / kept:.0f}× fewer weights at log α < {args.threshold:g} ({seconds:.0f} s)")
+          f"{compression_ratio(model):.0f}× fewer weights at log α < {args.threshold:g} ({seconds:.0f} s)")
 
     if args.finetune_epochs:
         sparsevd.freeze_masks(model)  # θ ⊙ mask from now on: the pruned weights stay zero, log σ² idle
@@ -97,7 +96,8 @@ def main(argv=None):
     print(sparsevd.report(model))
     print()
     print(f"SparseVD LeNet-300-100: test accuracy {acc:.2%} against {dense_acc:.2%} dense "
-          f"({100 * (acc - dense_acc):+.1f} points) with {total / kept:.0f}× fewer weights ({kept:,} of {total:,})")
+          f"({100 * (acc - dense_acc):+.1f} points) with {compression_ratio(model):.0f}× fewer weights "
+          f"({kept:,} of {total:,})")
     # the training command's timings, which read the network's name and the repeats from its flags
     timings = measure.inference_timings(types.SimpleNamespace(model="lenet300", timing_repeats=50), model,
                                         test_x[:64])
