@@ -546,3 +546,14 @@ def test_alpha_errors_name_the_layer():
     assert sparsevd.SparseVDLinear(4, 3, alpha=np.float32(0.5)).alpha == pytest.approx(0.5)
     with pytest.raises(TypeError, match="^SparseVDLinear.from_linear expects an nn.Linear, got Conv2d"):
         sparsevd.SparseVDLinear.from_linear(nn.Conv2d(1, 1, 1))
+
+
+def test_sparsify_of_a_plain_model_warns_at_the_users_line():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = sparsevd.sparsify(PLAIN)
+    ours = [w for w in caught if "sparsify: Sequential has no SparseVD layers" in str(w.message)]
+    assert len(ours) == 1 and ours[0].filename == HERE, [(str(w.message), w.filename) for w in caught]
+    assert "sparsify returns a copy" in str(ours[0].message)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(fast(x), PLAIN(x))

@@ -56,7 +56,7 @@ directory of MNIST-format IDX files, and report what the papers report:
     sparsevd-train --model lenet300 --dataset fashion-mnist --out runs/fmnist-300
     sparsevd-train --model lenet5 --method dense --dataset fashion-mnist --out runs/l5-dense
     sparsevd-train --model lenet5 --method sbp --dataset fashion-mnist --init-from runs/l5-dense --out runs/l5-sbp
-    sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \
+    sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \\
         --target-compression 100 --finetune-epochs 15 --out runs/l5-magnitude
     sparsevd-train --model vit --method dense --dataset fashion-mnist --epochs 10 --out runs/vit-dense
     sparsevd-train --model vit --dataset fashion-mnist --init-from runs/vit-dense --epochs 10 \

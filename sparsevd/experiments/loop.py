@@ -4,6 +4,7 @@ applied at every step, error rates, what a pruning network keeps, and a plain
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import NamedTuple
@@ -56,13 +57,18 @@ def pruned_copy(model):
     """An eval-mode copy of ``model`` in plain dense layers of the same shapes and names,
     every weight it prunes set to zero: θ ⊙ mask of the SparseVD layers, each SBPDropout's
     E[θ]·mask folded into a neighbouring layer (the rows, or the columns, of its pruned
-    units zero)."""
+    units zero); of a dense network, an eval-mode copy (sparsify warns of a model that
+    prunes nothing)."""
+    if not prunes(model):
+        return copy.deepcopy(model).eval()
     return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense(), shrink=False)
 
 
 def cut_copy(model):
     """:func:`pruned_copy` with the pruned units cut (the layers around them shrink, names
     kept): the dense network the pruning leaves."""
+    if not prunes(model):
+        return copy.deepcopy(model).eval()
     return sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense())
 
 
@@ -136,7 +142,7 @@ def train_epoch(model, optimizer, loss_fn, x, y, batch_size, epoch=0, warmup=Non
             bar.update(1)
             if i % 20 == 0 and not bar.disable:  # this rank's examples so far
                 postfix = {"loss": f"{total_loss / seen:.3f}", "acc": f"{correct / seen:.3f}"}
-                if sparse_vd or sbp:
+                if (sparse_vd or sbp) and warmup is not None:  # fine-tuning has no KL
                     postfix["warmup"] = f"{factor:.2f}"
                 if sparse_vd and not sbp:  # counting through SBP layers copies the model: units instead
                     kept, total = sparsevd.compression(model)
@@ -163,7 +169,7 @@ def train(model, x, y, epochs, batch_size=100, lr=1e-3, warmup=None, kl_weight=1
         if sparsevd.sparsevd_modules(model) and (epoch + 1) % 10 == 0:
             kept, total = sparsevd.compression(model)
             log(f"  epoch {epoch + 1:3d}  loss {stats.loss:.3f}  KL weight {kl_weight * stats.warmup:.2f}  "
-                f"kept {kept}/{total} at log α < {threshold_of(model)}")
+                f"kept {kept}/{total} at {kept_where(model, 'training threshold')}")
     return model
 
 

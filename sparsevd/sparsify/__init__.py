@@ -44,7 +44,8 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
     the part that stopped the trace, to the per-module path: every ``nn.Sequential`` inside
     it is sparsified as above, and the rest runs as it is.
     """
-    require_pruning_layers(model, "sparsify", warn=True)
+    require_pruning_layers(model, "sparsify", warn=True,
+                           hint="; without them sparsify returns a copy that computes what the model does")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     cost_model = cost_model or CostModel()
