@@ -59,7 +59,7 @@ directory of MNIST-format IDX files, and report what the papers report:
     sparsevd-train --model lenet5 --method magnitude --dataset fashion-mnist --init-from runs/l5-dense \\
         --target-compression 100 --finetune-epochs 15 --out runs/l5-magnitude
     sparsevd-train --model vit --method dense --dataset fashion-mnist --epochs 10 --out runs/vit-dense
-    sparsevd-train --model vit --dataset fashion-mnist --init-from runs/vit-dense --epochs 10 \
+    sparsevd-train --model vit --dataset fashion-mnist --init-from runs/vit-dense --epochs 10 \\
         --finetune-epochs 3 --out runs/vit-sparsevd
     sparsevd-compare runs/l5-* --out runs/l5-compare
 
