@@ -3,7 +3,9 @@
 // (TORCH_LIBRARY_IMPL in each kernel's file; the dispatcher accepts an implementation
 // before or after its schema, which is declared in Python, sparsevd/_ops.py).
 //
-// The module itself holds one helper, BoundChain: a linear chain's arguments bound once,
+// The module itself holds two helpers. activation_codes() returns linear_chain's
+// activation table (csrc/activations.h) as {name: code}, for Python to check its own
+// against. BoundChain: a linear chain's arguments bound once,
 // for eager calls. linear_chain takes four lists of tensors, which torch's Python binding
 // converts element by element on every call (about 5 µs, more than a batch-1 call of a
 // pruned LeNet computes). A bound chain is called with the input alone and calls the same
@@ -16,6 +18,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "activations.h"
 
 namespace sparsevd {
 namespace {
@@ -109,10 +113,19 @@ class BoundChain {
   std::vector<std::pair<at::Tensor, int64_t>> indices_;
 };
 
+pybind11::dict activation_codes() {
+  pybind11::dict codes;
+#define SPARSEVD_ACT_CODE(NAME, PY_NAME, SCALAR, ATEN_INPLACE) codes[PY_NAME] = static_cast<int64_t>(NAME);
+  SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_CODE)
+#undef SPARSEVD_ACT_CODE
+  return codes;
+}
+
 }  // namespace
 }  // namespace sparsevd
 
 PYBIND11_MODULE(_C, m) {
+  m.def("activation_codes", &sparsevd::activation_codes);
   pybind11::class_<sparsevd::BoundChain>(m, "BoundChain")
       .def(pybind11::init<std::vector<at::Tensor>, const sparsevd::OptionalTensors&,
                           const sparsevd::OptionalTensors&, const sparsevd::OptionalTensors&,

@@ -181,9 +181,12 @@ def csr_linear(x, crow_indices, col_indices, values, bias=None):
     return torch.nn.functional.linear(x, dense, bias)
 
 
-#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index).
-#: The C++ kernels' ``Act`` enum (csrc/cpu/csr_kernels.h) lists them in this order.
+#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index):
+#: the names of the extension's table (csrc/activations.h) in its order, written here too
+#: so that the package runs without the extension; the tests check that the two agree.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
+#: name -> code, for callers that pick an activation by name.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 def activation(x, code, param=0.0):

@@ -11,6 +11,7 @@ import torch
 
 import sparsevd  # noqa: F401  (loads sparsevd._C)
 from sparsevd import dispatch, reference
+from sparsevd.inference import _ACTIVATIONS
 
 pytestmark = [
     pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="extension sparsevd._C not built"),
@@ -66,6 +67,33 @@ def check(x, weights, crows, cols, biases, acts, params):
         base = (same.double() - ref64).abs().max().item()
         assert err <= 2 * base + ATOL[x.dtype], f"chain error {err:.3e} vs same-dtype torch error {base:.3e}"
     return out
+
+
+def test_activation_table_is_the_extensions():
+    """One table (csrc/activations.h): Python's names and codes are the extension's."""
+    assert sparsevd._C.activation_codes() == reference.ACTIVATION_CODES
+    assert [reference.ACTIVATION_CODES[name] for name in reference.ACTIVATIONS] == ACTS
+
+
+NN_ACTIVATIONS = [torch.nn.ReLU(), torch.nn.LeakyReLU(0.07), torch.nn.ReLU6(), torch.nn.ELU(0.8), torch.nn.Tanh(),
+                  torch.nn.Sigmoid(), torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU()]
+
+
+@pytest.mark.parametrize("module", NN_ACTIVATIONS, ids=repr)
+def test_module_code_round_trips(module):
+    """The code FusedSequential passes for an nn activation names the activation that
+    module computes, in the reference and in the fused op."""
+    code, param = _ACTIVATIONS[type(module)](module)
+    x = torch.linspace(-8, 8, 97, dtype=torch.float64).reshape(1, 97)
+    torch.testing.assert_close(reference.activation(x, code, param), module(x), rtol=0, atol=0)
+    eye = torch.eye(97, dtype=torch.float64)
+    torch.testing.assert_close(chain(x, [eye], [None], [None], [None], [code], [param]), module(x),
+                               rtol=1e-14, atol=1e-14)
+
+
+def test_every_code_has_a_module():
+    codes = {_ACTIVATIONS[type(m)](m)[0] for m in NN_ACTIVATIONS}
+    assert codes | {reference.ACTIVATION_CODES["identity"]} == set(ACTS)
 
 
 @pytest.mark.parametrize("device", DEVICES)

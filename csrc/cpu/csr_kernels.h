@@ -36,6 +36,7 @@
 #include <utility>
 #include <vector>
 
+#include "../activations.h"
 #include "vec_math.h"
 
 #if SPARSEVD_X86
@@ -175,21 +176,8 @@ inline BadIndex first_bad(const std::vector<BadIndex>& parts) {
 
 // ---- activations -------------------------------------------------------------------------
 
-// The activation codes of linear_chain; sparsevd/reference.py's ACTIVATIONS names them
-// in this order.
-enum Act : int64_t {
-  kIdentity = 0,
-  kRelu = 1,
-  kLeakyRelu = 2,  // param: negative slope
-  kRelu6 = 3,
-  kElu = 4,  // param: alpha
-  kTanh = 5,
-  kSigmoid = 6,
-  kGelu = 7,  // erf form
-  kGeluTanh = 8,
-  kSilu = 9,
-  kNumActs = 10,
-};
+// The codes of linear_chain are csrc/activations.h's table.
+static_assert(kNumActs == 10, "a new activation in csrc/activations.h needs its SIMD form in activate()");
 
 // float lanes. exp is vec_math's (NaN in, NaN out); erf is Abramowitz & Stegun 7.1.26
 // (|error| < 1.5e-7), the form ATen's own vectorized CPU gelu uses. Comparisons are
@@ -198,7 +186,9 @@ template <int L>
 SPARSEVD_INLINE vm::vec<L> activate(vm::vec<L> x, int64_t act, float p) {
   using F = vm::vec<L>;
   const F zero{}, one = vm::splat<L>(1.0f);
-  switch (act) {
+  switch (static_cast<Act>(act)) {
+    case kIdentity:
+    case kNumActs: return x;
     case kRelu: return x < zero ? zero : x;
     case kLeakyRelu: return x < zero ? x * p : x;
     case kRelu6: {
@@ -236,25 +226,20 @@ SPARSEVD_INLINE vm::vec<L> activate(vm::vec<L> x, int64_t act, float p) {
       return 0.5f * x * (one + t);
     }
     case kSilu: return x / (one + vm::exp<L>(-x));
-    default: return x;
   }
+  return x;
 }
 
 // float64: libm, lane by lane (float64 is for tests and gradchecks, not speed).
 SPARSEVD_INLINE double activate_scalar(double x, int64_t act, double p) {
   switch (act) {
-    case kRelu: return x < 0 ? 0.0 : x;
-    case kLeakyRelu: return x < 0 ? x * p : x;
-    case kRelu6: return x < 0 ? 0.0 : (x > 6 ? 6.0 : x);
-    case kElu: return x > 0 ? x : p * std::expm1(x);
-    case kTanh: return std::tanh(x);
-    case kSigmoid: return 1.0 / (1.0 + std::exp(-x));
-    case kGelu: return 0.5 * x * (1.0 + std::erf(x * 0.70710678118654752440));
-    case kGeluTanh:
-      return 0.5 * x * (1.0 + std::tanh(0.79788456080286535588 * (x + 0.044715 * x * x * x)));
-    case kSilu: return x / (1.0 + std::exp(-x));
-    default: return x;
+#define SPARSEVD_ACT_SCALAR(NAME, PY_NAME, SCALAR, ATEN_INPLACE) \
+  case NAME:                                                    \
+    return SCALAR;
+    SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_SCALAR)
+#undef SPARSEVD_ACT_SCALAR
   }
+  return x;
 }
 
 // act(v) for one vector of acc_t.

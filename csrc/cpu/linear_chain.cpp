@@ -129,8 +129,8 @@ std::vector<ChainLayer> linear_chain_layers(const at::Tensor& x, at::TensorList 
       layer.bias = b.contiguous();
     }
     layer.act = activations[i];
-    TORCH_CHECK(layer.act >= 0 && layer.act < csr::kNumActs, op, ": layer ", i,
-                ": activation code ", layer.act, " is not one of 0..", csr::kNumActs - 1,
+    TORCH_CHECK(layer.act >= 0 && layer.act < kNumActs, op, ": layer ", i,
+                ": activation code ", layer.act, " is not one of 0..", kNumActs - 1,
                 " (sparsevd.reference.ACTIVATIONS)");
     layer.param = activation_params[i];
     K = layer.N;

@@ -13,6 +13,7 @@
 #include <optional>
 #include <vector>
 
+#include "../activations.h"
 #include "../linear_chain.h"
 
 namespace sparsevd {
@@ -24,19 +25,14 @@ at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indic
 
 namespace {
 
-// The codes of sparsevd.reference.ACTIVATIONS (and csrc/cpu/csr_kernels.h's Act).
 void activate_(at::Tensor& h, int64_t act, double p) {
   switch (act) {
-    case 1: at::relu_(h); break;
-    case 2: at::leaky_relu_(h, p); break;
-    case 3: at::hardtanh_(h, 0.0, 6.0); break;
-    case 4: at::elu_(h, p); break;
-    case 5: at::tanh_(h); break;
-    case 6: at::sigmoid_(h); break;
-    case 7: at::gelu_(h, "none"); break;
-    case 8: at::gelu_(h, "tanh"); break;
-    case 9: at::silu_(h); break;
-    default: break;
+#define SPARSEVD_ACT_ATEN(NAME, PY_NAME, SCALAR, ATEN_INPLACE) \
+  case NAME:                                                  \
+    ATEN_INPLACE;                                             \
+    break;
+    SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_ATEN)
+#undef SPARSEVD_ACT_ATEN
   }
 }
 
