@@ -20,14 +20,15 @@
 #include <vector>
 
 #include "activations.h"
+#include "linear_chain.h"
 
 namespace sparsevd {
 namespace {
 
 using OptionalTensors = std::vector<std::optional<at::Tensor>>;
 
-c10::List<std::optional<at::Tensor>> to_list(const OptionalTensors& tensors) {
-  c10::List<std::optional<at::Tensor>> list;
+OptionalTensorList to_list(const OptionalTensors& tensors) {
+  OptionalTensorList list;
   list.reserve(tensors.size());
   for (const auto& t : tensors) list.push_back(t);
   return list;
@@ -85,14 +86,7 @@ class BoundChain {
 
  private:
   at::Tensor call_op(const at::Tensor& x) const {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("sparsevd::linear_chain", "")
-            .typed<at::Tensor(const at::Tensor&, at::TensorList,
-                              const c10::List<std::optional<at::Tensor>>&,
-                              const c10::List<std::optional<at::Tensor>>&,
-                              const c10::List<std::optional<at::Tensor>>&, at::IntArrayRef,
-                              at::ArrayRef<double>)>();
+    const auto& op = linear_chain_op();
     if (!at::GradMode::is_enabled()) {
       // what the op's autograd kernel would do without a graph to record: go below it
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -107,7 +101,7 @@ class BoundChain {
   bool flatten_;
   std::string name_;
   std::vector<at::Tensor> weights_;
-  c10::List<std::optional<at::Tensor>> crow_indices_, col_indices_, biases_;
+  OptionalTensorList crow_indices_, col_indices_, biases_;
   std::vector<int64_t> activations_;
   std::vector<double> activation_params_;
   std::vector<std::pair<at::Tensor, int64_t>> indices_;

@@ -11,15 +11,11 @@
 
 #include <optional>
 
+#include "../csr_linear_checks.h"
+#include "csr_linear.h"
 #include "csr_spmm.h"
 
 namespace sparsevd {
-
-// Defined in csrc/cpu/csr_linear.cpp (always built): the O(1) checks shared by devices.
-int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indices,
-                              const at::Tensor& col_indices, const at::Tensor& values,
-                              const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& row_order);
 
 namespace {
 
@@ -38,9 +34,6 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 
 }  // namespace
 
-// y = x·Wᵀ + b on the current stream, for checked arguments on x's device (the guard is
-// the caller's); bias and row_order contiguous or undefined. Also a layer of
-// linear_chain (csrc/cuda/linear_chain.cpp). No synchronization: CUDA-graph capturable.
 at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indices,
                                const at::Tensor& col_indices, const at::Tensor& values,
                                const at::Tensor& bias, const at::Tensor& row_order) {

@@ -15,13 +15,9 @@
 
 #include "../activations.h"
 #include "../linear_chain.h"
+#include "csr_linear.h"
 
 namespace sparsevd {
-
-// Defined in csr_linear.cpp (CUDA): one checked CSR layer on the current stream.
-at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indices,
-                               const at::Tensor& col_indices, const at::Tensor& values,
-                               const at::Tensor& bias, const at::Tensor& row_order);
 
 namespace {
 
@@ -37,9 +33,8 @@ void activate_(at::Tensor& h, int64_t act, double p) {
 }
 
 at::Tensor linear_chain_cuda(const at::Tensor& x, at::TensorList weights,
-                             const c10::List<std::optional<at::Tensor>>& crow_indices,
-                             const c10::List<std::optional<at::Tensor>>& col_indices,
-                             const c10::List<std::optional<at::Tensor>>& biases,
+                             const OptionalTensorList& crow_indices,
+                             const OptionalTensorList& col_indices, const OptionalTensorList& biases,
                              at::IntArrayRef activations, at::ArrayRef<double> activation_params) {
   const std::vector<ChainLayer> layers = linear_chain_layers(
       x, weights, crow_indices, col_indices, biases, activations, activation_params);
