@@ -7,8 +7,9 @@
 // microseconds, as much as the batch-1 kernel itself). Here a call that needs no graph
 // goes straight to the backend kernel; one that does runs a torch::autograd::Function
 // whose backward gives what the Python one gives:
-//   ∂x = g · W (W densified: training through a CSR layer is rare, and dense formulas
-//   are simple), ∂values_j = Σ_m g[m, row_j] · x[m, col_j], ∂bias = Σ_m g[m, :].
+//   ∂x = g · W (W densified as reference.csr_to_dense does, repeated entries summed:
+//   training through a CSR layer is rare, and dense formulas are simple),
+//   ∂values_j = Σ_m g[m, row_j] · x[m, col_j], ∂bias = Σ_m g[m, :].
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -68,7 +69,7 @@ class CsrLinearFunction : public torch::autograd::Function<CsrLinearFunction> {
       if (ctx->needs_input_grad(0)) {
         const at::Tensor dense =
             at::zeros_symint({crow.sym_size(0) - 1, x.sym_size(1)}, values.options())
-                .index_put({rows, cols}, values);
+                .index_put({rows, cols}, values, /*accumulate=*/true);
         dx = g.mm(dense);
       }
       if (ctx->needs_input_grad(3)) dvalues = g.t().mm(x).index({rows, cols});

@@ -1,7 +1,10 @@
 // CUDA glue of sparsevd::csr_linear: argument checks, allocation, stream and choice of
 // regime; the kernels are in csr_spmm.cu (compiled by nvcc without torch headers).
 // Invalid CSR structure cannot raise here without a synchronization: the kernels give
-// the affected rows NaN outputs instead (csr_spmm.h).
+// the affected rows NaN outputs instead (csr_spmm.h). Unsorted or repeated columns are not
+// invalid to the kernels: they sum every entry, as on the CPU. A row_order that is not a
+// permutation (not checked here: its owner checks it) would leave the rows it misses
+// unwritten.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
