@@ -2,6 +2,7 @@
 of dense and CSR layers with activations, against ``reference.linear_chain`` (the layers
 one by one, with torch's activations) by flash-attention's rule in float64."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -174,6 +175,20 @@ def test_threads_give_the_same_bits(threads, m):
     two = chain(x, *args)
     assert torch.equal(one, two)
     check(x, *args)
+
+
+@pytest.mark.parametrize("m", [1, 130, 600])
+def test_more_threads_than_cores_give_the_same_bits(threads, m):
+    # an oversubscribed team: late threads find their tasks taken, and calls that waited
+    # for them fall back to one thread for a while (csr_kernels.h, run_tasks)
+    layers = make_layers([1031, 515, 300, 10], ["csr", "dense", "csr"], torch.float32, "cpu", density=0.1)
+    x = torch.randn(m, 1031)
+    args = (*layers, [1, 7, 0], [0.0] * 3)
+    threads(1)
+    one = chain(x, *args)
+    threads(4 * (os.cpu_count() or 1))
+    for _ in range(20):
+        assert torch.equal(chain(x, *args), one)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,6 +27,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -109,8 +111,47 @@ constexpr int64_t kSumChunk = 64;
 constexpr int64_t kPanelBytes = int64_t(384) << 10;
 
 // Below this many multiply-adds a call runs on the calling thread: waking the pool
-// costs more than it saves.
+// costs more than it saves. It is also the smallest task a call is cut into.
 constexpr int64_t kSerialWork = int64_t(1) << 15;
+
+// Tasks per thread when a call's work is shared out: threads claim them one at a time,
+// so a thread that starts late finds its share done by the others.
+constexpr int64_t kTasksPerThread = 4;
+
+// Oversubscription. A parallel region ends when the last thread of its team has
+// finished, and a thread that another process has taken the core from resumes only when
+// the scheduler gives it back: on a machine where every core is busy, a 0.2 ms call can
+// wait 20 ms for one descheduled thread. So tasks are claimed dynamically (the calling
+// thread takes over the tasks of a thread that has not started), and a call whose
+// calling thread then waited at the end far longer than it computed marks the cores as
+// contended: calls run on the calling thread alone for the next kContendedNs, then try
+// the team again. The thread count itself is torch's (at::get_num_threads).
+constexpr int64_t kContendedNs = 200'000'000;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline std::atomic<int64_t>& contended_until_ns() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+
+// Whether `work` multiply-adds are shared among threads: enough of them, more than one
+// thread, not inside a parallel region already, and no sign of contended cores.
+inline bool share_work(int64_t work) {
+  return work >= 2 * kSerialWork && at::get_num_threads() > 1 && !at::in_parallel_region() &&
+         now_ns() >= contended_until_ns().load(std::memory_order_relaxed);
+}
+
+// The number of tasks to cut `work` into (at most `limit`): each at least kSerialWork,
+// kTasksPerThread per thread.
+inline int64_t task_count(int64_t work, int64_t limit) {
+  return std::max<int64_t>(
+      1, std::min({limit, work / kSerialWork, at::get_num_threads() * kTasksPerThread}));
+}
 
 // ---- bounds ------------------------------------------------------------------------------
 
@@ -425,8 +466,7 @@ struct Blocks {
   // Otherwise the rows are split (or the call stays on this thread).
   bool split_blocks(int64_t work) const {
     const int64_t threads = at::get_num_threads();
-    return threads > 1 && work >= kSerialWork && !at::in_parallel_region() && count >= threads &&
-           (count % threads == 0 || count >= 4 * threads);
+    return share_work(work) && count >= threads && (count % threads == 0 || count >= 4 * threads);
   }
 };
 
@@ -754,22 +794,57 @@ inline std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t N, int64_
   return bounds;
 }
 
-// Runs f(r0, r1, bad) over [0, N) in row ranges of about equal work on the thread pool
-// (inline when small or already inside a parallel region); returns the first error.
+// Runs task(t) for t in [0, tasks) on a team of min(tasks, threads) threads that claim
+// them in order; `init` (called once per thread that claims one, before its first)
+// returns the thread's state, passed to each task. Marks the cores contended when the
+// calling thread waited for the others much longer than it computed.
+template <typename Init, typename Task>
+void run_tasks(int64_t tasks, const Init& init, const Task& task) {
+  std::atomic<int64_t> next{0};
+  int64_t caller_done = 0;
+  const int64_t start = now_ns();
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    if (t < tasks) {
+      auto state = init();
+      for (; t < tasks; t = next.fetch_add(1, std::memory_order_relaxed)) task(t, state);
+    }
+    if (at::get_thread_num() == 0) caller_done = now_ns();
+  });
+  const int64_t end = now_ns();
+  if (caller_done > 0 && end - caller_done > 2 * (caller_done - start) + 50'000)
+    contended_until_ns().store(end + kContendedNs, std::memory_order_relaxed);
+}
+
+// Runs f(r0, r1) over [0, N) rows of `work` multiply-adds in all, in contiguous ranges
+// of at least `grain` rows shared among threads (inline when small, already inside a
+// parallel region or on contended cores).
+template <typename F>
+void for_rows(int64_t N, int64_t work, int64_t grain, const F& f) {
+  if (!share_work(work) || N <= grain) {
+    f(int64_t(0), N);
+    return;
+  }
+  const int64_t tasks = task_count(work, (N + grain - 1) / grain);
+  const int64_t rows = (N + tasks - 1) / tasks;
+  run_tasks(tasks, [] { return 0; }, [&](int64_t t, int) { f(t * rows, std::min(N, (t + 1) * rows)); });
+}
+
+// Runs f(r0, r1, bad) over [0, N) in row ranges of about equal work (non-zeros + rows)
+// shared among threads (inline when small, already inside a parallel region or on
+// contended cores); returns the first error.
 template <typename F>
 BadIndex for_rows_balanced(const int32_t* crow, int64_t N, int64_t work, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (work < kSerialWork || threads <= 1 || N <= 1 || at::in_parallel_region()) {
+  if (!share_work(work) || N <= 1) {
     BadIndex bad;
     f(int64_t(0), N, bad);
     return bad;
   }
-  const int64_t parts = std::min<int64_t>(threads, N);
+  const int64_t parts = task_count(work, N);
   const std::vector<int64_t> bounds = balanced_rows(crow, N, parts);
   std::vector<BadIndex> bad(parts);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1], bad[p]);
+  run_tasks(parts, [] { return 0; }, [&](int64_t p, int) {
+    if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1], bad[p]);
   });
   return first_bad(bad);
 }

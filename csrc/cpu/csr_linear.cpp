@@ -26,6 +26,9 @@
 // every row's 0 <= crow[r] <= crow[r+1] <= nnz where the row starts and every column
 // index where it is read; the first bad index stops the kernel and raises after the
 // parallel loop (RuntimeError for crow_indices, IndexError for col_indices).
+// The order of a row's columns is not checked (a valid structure has them sorted and
+// unique: reference.csr_structure_error): unsorted or repeated columns are summed as
+// they come, as on CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -193,21 +196,20 @@ BadIndex csr_linear_cpu_impl(const at::Tensor& x, const at::Tensor& crow, const 
   if (blocks.split_blocks(work)) {
     // Each thread packs and sweeps its own batch blocks.
     std::vector<BadIndex> bad(blocks.count);
-    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({panel}, acc_options);
-      acc_t* P = scratch.mutable_data_ptr<acc_t>();
-      for (int64_t b = b0; b < b1; ++b) {
-        k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P);
-        if (!run_block(b, P, 0, N, bad[b])) return;
-      }
-    });
+    csr::run_tasks(
+        blocks.count, [&] { return at::empty({panel}, acc_options); },
+        [&](int64_t b, at::Tensor& scratch) {
+          acc_t* P = scratch.mutable_data_ptr<acc_t>();
+          k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P);
+          run_block(b, P, 0, N, bad[b]);
+        });
     return csr::first_bad(bad);
   }
-  if (at::get_num_threads() > 1 && work >= csr::kSerialWork && !at::in_parallel_region()) {
+  if (csr::share_work(work)) {
     // Too few blocks to share out: pack them all, then split the rows.
     at::Tensor scratch = at::empty({blocks.count * panel}, acc_options);
     acc_t* P = scratch.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
+    csr::for_rows(blocks.count, K * blocks.count * blocks.width, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         k.pack(x_p, sm, sk, blocks.m0(b), blocks.valid(b), K, blocks.panel_width(b), P + b * panel);
     });

@@ -261,8 +261,8 @@ BadIndex chain_gemv(const at::Tensor& x, const std::vector<ChainLayer>& layers, 
         return bad;
       }
     } else {
-      at::parallel_for(0, l.N, std::max<int64_t>(1, csr::kSerialWork / std::max<int64_t>(l.K, 1)),
-                       [&](int64_t r0, int64_t r1) { k.dense_gemv(w, l.K, in, bias, out, r0, r1); });
+      csr::for_rows(l.N, l.N * l.K, std::max<int64_t>(1, csr::kSerialWork / std::max<int64_t>(l.K, 1)),
+                    [&](int64_t r0, int64_t r1) { k.dense_gemv(w, l.K, in, bias, out, r0, r1); });
     }
     k.act(out, l.N, l.act, static_cast<acc_t>(l.param));
     in = out;
@@ -332,10 +332,11 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
         at::mm_out(Q, gemm_weight[i], at::from_blob(in, {l.K, pw}, acc_options));
         k.bias_act(out, pw, bias, l.act, param, 0, l.N);
       } else {
-        at::parallel_for(0, l.N, std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
-                         [&](int64_t r0, int64_t r1) {
-                           k.dense(pw, w, l.K, in, bias, l.act, param, out, r0, r1);
-                         });
+        csr::for_rows(l.N, l.N * l.K * pw,
+                      std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
+                      [&](int64_t r0, int64_t r1) {
+                        k.dense(pw, w, l.K, in, bias, l.act, param, out, r0, r1);
+                      });
       }
       std::swap(in, out);
     }
@@ -345,14 +346,12 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
 
   if (blocks.split_blocks(work)) {
     std::vector<BadIndex> bad(blocks.count);
-    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({2 * panel}, acc_options);
-      acc_t* A = scratch.mutable_data_ptr<acc_t>();
-      for (int64_t b = b0; b < b1; ++b) {
-        bad[b] = run_block(b, A, A + panel);
-        if (!bad[b].ok()) return;
-      }
-    });
+    csr::run_tasks(
+        blocks.count, [&] { return at::empty({2 * panel}, acc_options); },
+        [&](int64_t b, at::Tensor& scratch) {
+          acc_t* A = scratch.mutable_data_ptr<acc_t>();
+          bad[b] = run_block(b, A, A + panel);
+        });
     return csr::first_bad(bad);
   }
   at::Tensor scratch = at::empty({2 * panel}, acc_options);
