@@ -123,7 +123,7 @@ constexpr int64_t kTasksPerThread = 4;
 // the scheduler gives it back: on a machine where every core is busy, a 0.2 ms call can
 // wait 20 ms for one descheduled thread. So tasks are claimed dynamically (the calling
 // thread takes over the tasks of a thread that has not started), and a call whose
-// calling thread then waited at the end far longer than it computed marks the cores as
+// calling thread then waited at the end longer than it computed marks the cores as
 // contended: calls run on the calling thread alone for the next kContendedNs, then try
 // the team again. The thread count itself is torch's (at::get_num_threads).
 constexpr int64_t kContendedNs = 200'000'000;
@@ -797,7 +797,7 @@ inline std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t N, int64_
 // Runs task(t) for t in [0, tasks) on a team of min(tasks, threads) threads that claim
 // them in order; `init` (called once per thread that claims one, before its first)
 // returns the thread's state, passed to each task. Marks the cores contended when the
-// calling thread waited for the others much longer than it computed.
+// calling thread waited for the others longer than it computed.
 template <typename Init, typename Task>
 void run_tasks(int64_t tasks, const Init& init, const Task& task) {
   std::atomic<int64_t> next{0};
@@ -812,7 +812,10 @@ void run_tasks(int64_t tasks, const Init& init, const Task& task) {
     if (at::get_thread_num() == 0) caller_done = now_ns();
   });
   const int64_t end = now_ns();
-  if (caller_done > 0 && end - caller_done > 2 * (caller_done - start) + 50'000)
+  // Waiting for the last task of a thread that started in time takes a fraction of what
+  // the caller computed (its share is kTasksPerThread tasks); waiting longer than all of
+  // it means a thread of the team did not run.
+  if (caller_done > 0 && end - caller_done > (caller_done - start) + 50'000)
     contended_until_ns().store(end + kContendedNs, std::memory_order_relaxed);
 }
 
