@@ -14,7 +14,8 @@ random), ``sparsevd-1-thread`` (the same with one torch thread: what the fallbac
 and ``dense`` (``F.linear`` on the same pruned weight). ``load``: ``quiet``, or ``busy``
 with ``os.cpu_count()`` processes spinning beside the benchmark.
 
-Wall-clock time (the cliff is time spent waiting, which CPU time would not see):
+Wall-clock time (the cliff is time spent waiting, which CPU time would not see) of
+CALLS calls back to back; bench/report.py's "time per call" is per CALLS calls here:
 
     python -m pytest bench/bench_oversubscription.py --benchmark-json=oversubscription.json
     python bench/report.py oversubscription.json
@@ -37,6 +38,8 @@ import sparsevd
 DEV = torch.device("cpu")
 N = K = 4096
 PRUNED = 0.95
+#: Calls per timed run: pytest-benchmark's times are for CALLS calls (extra_info["calls"]).
+CALLS = 50
 #: How long the kernels keep to one thread after a call that waited for its team
 #: (csr_kernels.h, kContendedNs), with a margin: a quiet case must not start inside it.
 SETTLE_S = 0.3
@@ -87,12 +90,13 @@ def test_4096_layer_batch_1(benchmark, impl, load):
     else:
         fn = functools.partial(sparsevd.SparseLinear.from_dense(w, b), x)
 
-    def run():
+    def run():  # back to back, as a serving loop calls it (one isolated call would wake with the scheduler's favour)
         with torch.no_grad():
-            fn()
+            for _ in range(CALLS):
+                fn()
 
     threads = 1 if impl == "sparsevd-1-thread" else torch.get_num_threads()
     benchmark.group = f"{N}x{K} at {PRUNED:.0%} pruned, batch 1, {load}"
     with _threads(threads), _load(load) as spinners:
         harness.measure(benchmark, run, DEV, impl=impl, load=load, spinners=spinners, threads=threads,
-                        nnz=int(w.count_nonzero()))
+                        nnz=int(w.count_nonzero()), calls=CALLS)
