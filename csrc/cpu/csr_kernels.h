@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -124,14 +125,25 @@ constexpr int64_t kTasksPerThread = 4;
 // wait 20 ms for one descheduled thread. So tasks are claimed dynamically (the calling
 // thread takes over the tasks of a thread that has not started), and a call whose
 // calling thread then waited at the end longer than it computed marks the cores as
-// contended: calls run on the calling thread alone for the next kContendedNs, then try
-// the team again. The thread count itself is torch's (at::get_num_threads).
+// contended, and so does one whose calling thread ran for less than half of its wall
+// time (it was descheduled, or slept waiting): calls run on the calling thread alone for
+// the next kContendedNs, then try the team again. The thread count itself is torch's
+// (at::get_num_threads).
 constexpr int64_t kContendedNs = 200'000'000;
 
 inline int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// CPU time of the calling thread, or -1 where the platform has no such clock.
+inline int64_t thread_cpu_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return int64_t(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return -1;
 }
 
 inline std::atomic<int64_t>& contended_until_ns() {
@@ -802,7 +814,7 @@ template <typename Init, typename Task>
 void run_tasks(int64_t tasks, const Init& init, const Task& task) {
   std::atomic<int64_t> next{0};
   int64_t caller_done = 0;
-  const int64_t start = now_ns();
+  const int64_t start = now_ns(), start_cpu = thread_cpu_ns();
   at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     int64_t t = next.fetch_add(1, std::memory_order_relaxed);
     if (t < tasks) {
@@ -811,12 +823,13 @@ void run_tasks(int64_t tasks, const Init& init, const Task& task) {
     }
     if (at::get_thread_num() == 0) caller_done = now_ns();
   });
-  const int64_t end = now_ns();
+  const int64_t end = now_ns(), cpu = start_cpu < 0 ? -1 : thread_cpu_ns() - start_cpu;
   // Waiting for the last task of a thread that started in time takes a fraction of what
   // the caller computed (its share is kTasksPerThread tasks); waiting longer than all of
   // it means a thread of the team did not run.
-  if (caller_done > 0 && end - caller_done > (caller_done - start) + 50'000)
-    contended_until_ns().store(end + kContendedNs, std::memory_order_relaxed);
+  const bool waited = caller_done > 0 && end - caller_done > (caller_done - start) + 50'000;
+  const bool descheduled = cpu >= 0 && end - start > 2 * cpu + 50'000;
+  if (waited || descheduled) contended_until_ns().store(end + kContendedNs, std::memory_order_relaxed);
 }
 
 // Runs f(r0, r1) over [0, N) rows of `work` multiply-adds in all, in contiguous ranges
