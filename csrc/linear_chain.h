@@ -1,9 +1,12 @@
-// sparsevd::linear_chain, shared by its CPU and CUDA kernels: the layers of a chain,
-// checked once per call (O(1) per layer: shapes, dtypes, devices, codes).
+// sparsevd::linear_chain, device-neutral: its C++ signature, the handle to call it
+// through the dispatcher, and the layers of a chain as its argument checks return them
+// (O(1) per layer: shapes, dtypes, devices, codes). Its schema is declared in Python
+// (sparsevd/_ops.py); the signature here must match it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/List.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
@@ -11,6 +14,22 @@
 #include <vector>
 
 namespace sparsevd {
+
+using OptionalTensorList = c10::List<std::optional<at::Tensor>>;
+
+// linear_chain(x, weights, crow_indices, col_indices, biases, activations, activation_params)
+using LinearChainSignature = at::Tensor(const at::Tensor&, at::TensorList, const OptionalTensorList&,
+                                        const OptionalTensorList&, const OptionalTensorList&,
+                                        at::IntArrayRef, at::ArrayRef<double>);
+
+// The op as registered, for callers that go through the dispatcher (the bound chain of
+// module.cpp, the autograd kernel going below autograd).
+inline const c10::TypedOperatorHandle<LinearChainSignature>& linear_chain_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("sparsevd::linear_chain", "")
+                             .typed<LinearChainSignature>();
+  return op;
+}
 
 // One layer, its tensors made contiguous. Dense: `weight` [N, K]. CSR: `weight` holds the
 // values [nnz], `crow` [N + 1] and `col` [nnz] are int32. `bias` is undefined if absent.
@@ -22,12 +41,11 @@ struct ChainLayer {
   double param = 0.0;
 };
 
-// Checks the arguments of linear_chain (its schema: sparsevd/_ops.py) and returns its layers.
-// Defined in csrc/cpu/linear_chain.cpp (always built).
+// Checks the arguments of linear_chain and returns its layers (linear_chain_checks.cpp).
 std::vector<ChainLayer> linear_chain_layers(const at::Tensor& x, at::TensorList weights,
-                                            const c10::List<std::optional<at::Tensor>>& crow_indices,
-                                            const c10::List<std::optional<at::Tensor>>& col_indices,
-                                            const c10::List<std::optional<at::Tensor>>& biases,
+                                            const OptionalTensorList& crow_indices,
+                                            const OptionalTensorList& col_indices,
+                                            const OptionalTensorList& biases,
                                             at::IntArrayRef activations,
                                             at::ArrayRef<double> activation_params);
 

@@ -3,7 +3,9 @@
 // (TORCH_LIBRARY_IMPL in each kernel's file; the dispatcher accepts an implementation
 // before or after its schema, which is declared in Python, sparsevd/_ops.py).
 //
-// The module itself holds one helper, BoundChain: a linear chain's arguments bound once,
+// The module itself holds two helpers. activation_codes() returns linear_chain's
+// activation table (csrc/activations.h) as {name: code}, for Python to check its own
+// against. BoundChain: a linear chain's arguments bound once,
 // for eager calls. linear_chain takes four lists of tensors, which torch's Python binding
 // converts element by element on every call (about 5 µs, more than a batch-1 call of a
 // pruned LeNet computes). A bound chain is called with the input alone and calls the same
@@ -17,13 +19,16 @@
 #include <utility>
 #include <vector>
 
+#include "activations.h"
+#include "linear_chain.h"
+
 namespace sparsevd {
 namespace {
 
 using OptionalTensors = std::vector<std::optional<at::Tensor>>;
 
-c10::List<std::optional<at::Tensor>> to_list(const OptionalTensors& tensors) {
-  c10::List<std::optional<at::Tensor>> list;
+OptionalTensorList to_list(const OptionalTensors& tensors) {
+  OptionalTensorList list;
   list.reserve(tensors.size());
   for (const auto& t : tensors) list.push_back(t);
   return list;
@@ -81,14 +86,7 @@ class BoundChain {
 
  private:
   at::Tensor call_op(const at::Tensor& x) const {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("sparsevd::linear_chain", "")
-            .typed<at::Tensor(const at::Tensor&, at::TensorList,
-                              const c10::List<std::optional<at::Tensor>>&,
-                              const c10::List<std::optional<at::Tensor>>&,
-                              const c10::List<std::optional<at::Tensor>>&, at::IntArrayRef,
-                              at::ArrayRef<double>)>();
+    const auto& op = linear_chain_op();
     if (!at::GradMode::is_enabled()) {
       // what the op's autograd kernel would do without a graph to record: go below it
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -103,16 +101,25 @@ class BoundChain {
   bool flatten_;
   std::string name_;
   std::vector<at::Tensor> weights_;
-  c10::List<std::optional<at::Tensor>> crow_indices_, col_indices_, biases_;
+  OptionalTensorList crow_indices_, col_indices_, biases_;
   std::vector<int64_t> activations_;
   std::vector<double> activation_params_;
   std::vector<std::pair<at::Tensor, int64_t>> indices_;
 };
 
+pybind11::dict activation_codes() {
+  pybind11::dict codes;
+#define SPARSEVD_ACT_CODE(NAME, PY_NAME, SCALAR, ATEN_INPLACE) codes[PY_NAME] = static_cast<int64_t>(NAME);
+  SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_CODE)
+#undef SPARSEVD_ACT_CODE
+  return codes;
+}
+
 }  // namespace
 }  // namespace sparsevd
 
 PYBIND11_MODULE(_C, m) {
+  m.def("activation_codes", &sparsevd::activation_codes);
   pybind11::class_<sparsevd::BoundChain>(m, "BoundChain")
       .def(pybind11::init<std::vector<at::Tensor>, const sparsevd::OptionalTensors&,
                           const sparsevd::OptionalTensors&, const sparsevd::OptionalTensors&,

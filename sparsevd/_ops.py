@@ -50,7 +50,12 @@ SCHEMAS = {
     "lrt_sample_noise": "lrt_sample_noise(Tensor mean, Tensor seed) -> Tensor",
     # y = x W_csrᵀ + b, x [M, K], W [N, K] in CSR with int32 indices. row_order: an int32
     # permutation of the N rows, the order in which the GPU kernel schedules them (longest
-    # first balances the load, as in Sputnik); it never changes the result.
+    # first balances the load, as in Sputnik); it never changes the result. Every index
+    # read is checked; the order of a row's columns is not (a valid structure:
+    # reference.csr_structure_error): unsorted or repeated columns give W =
+    # reference.csr_to_dense, repeated entries summed, on every device. Nor is it checked
+    # that row_order is a permutation (reference.row_order_error; an O(N) pass): the
+    # callers that validate the structure check it.
     "csr_linear": "csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
                   "Tensor? bias, Tensor? row_order=None) -> Tensor",
     # A chain of linear layers with elementwise activations, as one op (a sparsified MLP):

@@ -232,17 +232,19 @@ def validate_row_order(row_order, rows, device):
         raise ValueError("row_order must be a 1-D int32 tensor")
     if row_order.device != device:
         raise ValueError(f"row_order is on {row_order.device} but the CSR values are on {device}")
-    if row_order.numel() != rows or not torch.equal(
-        torch.sort(row_order.long()).values, torch.arange(rows, device=row_order.device)
-    ):
-        raise ValueError(f"row_order must be a permutation of the {rows} rows")
+    error = reference.row_order_error(row_order, rows)
+    if error is not None:
+        raise ValueError(error)
 
 
 def validate_csr(crow_indices, col_indices, values, shape):
-    """Check a CSR matrix of the given ``(rows, cols)`` shape once, before it is used.
+    """Check a CSR matrix of the given ``(rows, cols)`` shape once, before it is used:
+    int32 indices, values of their length, all on one device, finite values, and a valid
+    structure as :func:`sparsevd.reference.csr_structure_error` defines it.
 
-    The kernels trust the structure (checking it per call would double the memory
-    traffic of a batch-1 product), so anything that builds or loads one calls this.
+    The kernels do not check the order of a row's columns (checking it per call would
+    double the memory traffic of a batch-1 product), so anything that builds or loads
+    one calls this.
     """
     rows, cols = shape
     for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
@@ -252,21 +254,10 @@ def validate_csr(crow_indices, col_indices, values, shape):
         raise ValueError("CSR values must be a 1-D floating-point tensor")
     if not (crow_indices.device == col_indices.device == values.device):
         raise ValueError("CSR crow_indices, col_indices and values must be on one device")
-    if crow_indices.numel() != rows + 1:
-        raise ValueError(f"CSR crow_indices must have rows + 1 = {rows + 1} entries, got {crow_indices.numel()}")
-    nnz = col_indices.numel()
-    if values.numel() != nnz:
-        raise ValueError(f"CSR values ({values.numel()}) and col_indices ({nnz}) differ in length")
-    if int(crow_indices[0]) != 0 or int(crow_indices[-1]) != nnz:
-        raise ValueError(f"CSR crow_indices must start at 0 and end at nnz = {nnz}")
-    if rows and bool((crow_indices[1:] < crow_indices[:-1]).any()):
-        raise ValueError("CSR crow_indices must be non-decreasing")
-    if nnz:
-        if bool((col_indices < 0).any()) or bool((col_indices >= cols).any()):
-            raise ValueError(f"CSR col_indices out of range [0, {cols})")
-        starts = torch.zeros(nnz, dtype=torch.bool, device=col_indices.device)
-        starts[crow_indices[:-1][crow_indices[:-1] < nnz].long()] = True
-        if bool(((col_indices[1:] <= col_indices[:-1]) & ~starts[1:]).any()):
-            raise ValueError("CSR col_indices must be strictly increasing within each row")
+    if values.numel() != col_indices.numel():
+        raise ValueError(f"CSR values ({values.numel()}) and col_indices ({col_indices.numel()}) differ in length")
+    error = reference.csr_structure_error(crow_indices, col_indices, (rows, cols))
+    if error is not None:
+        raise ValueError(f"CSR {error}")
     if not bool(torch.isfinite(values).all()):
         raise ValueError("CSR values contain NaN or Inf")

@@ -27,21 +27,22 @@ import torch
 import torch.nn.modules.module as _module_state
 from torch import nn
 
-from . import backends
+from . import backends, reference
 from .plain import runs_as
 from .sparse import SparseLinear
 
-#: nn activation modules the chain op applies after a layer: module -> (code, parameter);
-#: the codes are those of :data:`sparsevd.reference.ACTIVATIONS`.
+#: nn activation modules the chain op applies after a layer: module -> (code, parameter).
+#: The codes are looked up by name once, here (default arguments), not on every call.
+_CODE = reference.ACTIVATION_CODES
 _ACTIVATIONS = {
-    nn.ReLU: lambda m: (1, 0.0),
-    nn.LeakyReLU: lambda m: (2, float(m.negative_slope)),
-    nn.ReLU6: lambda m: (3, 0.0),
-    nn.ELU: lambda m: (4, float(m.alpha)),
-    nn.Tanh: lambda m: (5, 0.0),
-    nn.Sigmoid: lambda m: (6, 0.0),
-    nn.GELU: lambda m: (7 if m.approximate == "none" else 8, 0.0),
-    nn.SiLU: lambda m: (9, 0.0),
+    nn.ReLU: lambda m, c=_CODE["relu"]: (c, 0.0),
+    nn.LeakyReLU: lambda m, c=_CODE["leaky_relu"]: (c, float(m.negative_slope)),
+    nn.ReLU6: lambda m, c=_CODE["relu6"]: (c, 0.0),
+    nn.ELU: lambda m, c=_CODE["elu"]: (c, float(m.alpha)),
+    nn.Tanh: lambda m, c=_CODE["tanh"]: (c, 0.0),
+    nn.Sigmoid: lambda m, c=_CODE["sigmoid"]: (c, 0.0),
+    nn.GELU: lambda m, c=_CODE["gelu"], t=_CODE["gelu_tanh"]: (c if m.approximate == "none" else t, 0.0),
+    nn.SiLU: lambda m, c=_CODE["silu"]: (c, 0.0),
 }
 #: What an eval-mode chain passes through unchanged.
 _IDENTITIES = (nn.Identity, nn.Dropout)

@@ -161,14 +161,62 @@ def masked_embedding(indices, weight, mask, padding_idx=None):
     return torch.nn.functional.embedding(indices, weight * mask, padding_idx)
 
 
+def csr_structure_error(crow_indices, col_indices, shape):
+    """Why ``(crow_indices, col_indices)`` is not a valid CSR structure of a ``shape =
+    (rows, cols)`` matrix, or None if it is. The one definition of a valid structure:
+
+    - ``crow_indices`` has rows + 1 entries, starts at 0, is non-decreasing and ends at
+      nnz = ``col_indices.numel()``;
+    - the column indices of each row are in [0, cols) and strictly increasing (sorted,
+      no duplicates), so that every entry of the matrix is stored at most once.
+
+    Everything that builds or loads a CSR weight (``SparseLinear``, ``SparseConv*``,
+    ``functional.csr_linear``) refuses any other structure (``functional.validate_csr``).
+    The raw ops (``torch.ops.sparsevd.csr_linear``, ``linear_chain``) check every index
+    they read but not the order of a row's columns: given unsorted or repeated columns,
+    they compute what :func:`csr_to_dense` builds (repeated entries summed), on every device.
+    """
+    rows, cols = shape
+    if crow_indices.numel() != rows + 1:
+        return f"crow_indices must have rows + 1 = {rows + 1} entries, got {crow_indices.numel()}"
+    nnz = col_indices.numel()
+    if int(crow_indices[0]) != 0 or int(crow_indices[-1]) != nnz:
+        return f"crow_indices must start at 0 and end at nnz = {nnz}"
+    if rows and bool((crow_indices[1:] < crow_indices[:-1]).any()):
+        return "crow_indices must be non-decreasing"
+    if nnz:
+        if bool((col_indices < 0).any()) or bool((col_indices >= cols).any()):
+            return f"col_indices out of range [0, {cols})"
+        # col_indices[j] starts a row for every j in crow_indices (j < nnz)
+        starts = torch.zeros(nnz, dtype=torch.bool, device=col_indices.device)
+        starts[crow_indices[:-1][crow_indices[:-1] < nnz].long()] = True
+        if bool(((col_indices[1:] <= col_indices[:-1]) & ~starts[1:]).any()):
+            return "col_indices must be strictly increasing within each row (sorted, no duplicates)"
+    return None
+
+
+def row_order_error(row_order, rows):
+    """Why ``row_order`` is not a valid schedule of a CSR matrix's ``rows`` rows (a
+    permutation of 0 .. rows - 1), or None. A schedule only orders the work: every row is
+    computed once whatever it is. The raw csr_linear op checks its shape, dtype and device
+    per call but not that it is a permutation (an O(rows) pass); the callers that check
+    the structure check this too, and ``SparseLinear`` derives it from the structure."""
+    if row_order.numel() != rows or not torch.equal(
+        torch.sort(row_order.long()).values, torch.arange(rows, device=row_order.device)
+    ):
+        return f"row_order must be a permutation of the {rows} rows"
+    return None
+
+
 def csr_to_dense(crow_indices, col_indices, values, in_features):
-    """The dense [N, K] matrix of a CSR matrix whose rows are output features."""
+    """The dense [N, K] matrix of a CSR matrix whose rows are output features. A valid
+    structure (:func:`csr_structure_error`) stores each entry once; repeated entries of
+    one that is not are summed, as the kernels sum them."""
     rows = crow_indices.numel() - 1
     counts = crow_indices[1:] - crow_indices[:-1]
     row_of = torch.repeat_interleave(torch.arange(rows, device=values.device), counts.long())
     dense = values.new_zeros(rows, in_features)
-    dense[row_of, col_indices.long()] = values
-    return dense
+    return dense.index_put_((row_of, col_indices.long()), values, accumulate=True)
 
 
 def csr_linear(x, crow_indices, col_indices, values, bias=None):
@@ -181,9 +229,12 @@ def csr_linear(x, crow_indices, col_indices, values, bias=None):
     return torch.nn.functional.linear(x, dense, bias)
 
 
-#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index).
-#: The C++ kernels' ``Act`` enum (csrc/cpu/csr_kernels.h) lists them in this order.
+#: The elementwise activations of :func:`linear_chain`, by code (the op takes the index):
+#: the names of the extension's table (csrc/activations.h) in its order, written here too
+#: so that the package runs without the extension; the tests check that the two agree.
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "relu6", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
+#: name -> code, for callers that pick an activation by name.
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 
 def activation(x, code, param=0.0):

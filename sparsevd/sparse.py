@@ -166,7 +166,11 @@ class SparseLinear(nn.Module):
                 missing_keys.append(prefix + key)
                 return
             loaded[key] = state_dict[prefix + key]
-        if not (isinstance(loaded["values"], torch.Tensor) and loaded["values"].is_floating_point()):
+        wrong = {k: type(v).__name__ for k, v in loaded.items() if not isinstance(v, torch.Tensor)}
+        if wrong:
+            error_msgs.append(f"{name}: the CSR weight must be tensors, got {wrong}")
+            return
+        if not loaded["values"].is_floating_point():
             error_msgs.append(f"{name}: values must be a floating-point tensor")
             return
         # copies on this layer's device, values in this layer's dtype: the layer owns its
@@ -184,6 +188,9 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             if bias is None:
                 missing_keys.append(bias_key)
+                return
+            if not isinstance(bias, torch.Tensor):
+                error_msgs.append(f"{name}: bias must be a tensor, got {type(bias).__name__}")
                 return
             if bias.shape != self.bias.shape or not bool(torch.isfinite(bias).all()):
                 error_msgs.append(f"{name}: corrupt bias of shape {tuple(bias.shape)}")

@@ -7,6 +7,7 @@ in that dtype, i.e. F.linear on the densified weight), plus a small absolute sla
 CUDA cases run where a GPU is present and are skipped otherwise.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -354,6 +355,20 @@ def test_threads_give_the_same_bits(threads, m, dtype):
     check(x, crow, col, values, b, 515)
 
 
+@pytest.mark.parametrize("m", [1, 40, 600])  # the GEMV, rows split, blocks split
+def test_more_threads_than_cores_give_the_same_bits(threads, m):
+    # an oversubscribed team: late threads find their tasks taken, and calls that waited
+    # for them fall back to one thread for a while (csr_kernels.h, run_tasks)
+    dense = make_weight(515, 1031, "empty_rows", density=0.1, seed=4)
+    crow, col, values = to_csr(dense, torch.float32, "cpu")
+    x = torch.randn(m, 1031)
+    threads(1)
+    one = csr_linear(x, crow, col, values, None)
+    threads(4 * (os.cpu_count() or 1))
+    for _ in range(20):
+        assert torch.equal(csr_linear(x, crow, col, values, None), one)
+
+
 # ---- bounds: no structure crashes the process ------------------------------------------------
 
 # Each case: (description, crow, col, error type, message). W is 4 × 6 with nnz = 7 below.
@@ -418,7 +433,7 @@ def test_invalid_structure_raises_and_never_crashes(n_threads):
     assert done.stdout.startswith("ok"), done.stdout
 
 
-# ---- autograd (C++, csrc/csr_linear_autograd.cpp) --------------------------------------------
+# ---- autograd (C++, csrc/autograd.cpp) --------------------------------------------------------
 
 
 def test_cpp_autograd_registered():

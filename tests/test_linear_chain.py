@@ -2,6 +2,7 @@
 of dense and CSR layers with activations, against ``reference.linear_chain`` (the layers
 one by one, with torch's activations) by flash-attention's rule in float64."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import torch
 
 import sparsevd  # noqa: F401  (loads sparsevd._C)
 from sparsevd import dispatch, reference
+from sparsevd.inference import _ACTIVATIONS
 
 pytestmark = [
     pytest.mark.skipif(not dispatch.HAS_EXTENSION, reason="extension sparsevd._C not built"),
@@ -66,6 +68,33 @@ def check(x, weights, crows, cols, biases, acts, params):
         base = (same.double() - ref64).abs().max().item()
         assert err <= 2 * base + ATOL[x.dtype], f"chain error {err:.3e} vs same-dtype torch error {base:.3e}"
     return out
+
+
+def test_activation_table_is_the_extensions():
+    """One table (csrc/activations.h): Python's names and codes are the extension's."""
+    assert sparsevd._C.activation_codes() == reference.ACTIVATION_CODES
+    assert [reference.ACTIVATION_CODES[name] for name in reference.ACTIVATIONS] == ACTS
+
+
+NN_ACTIVATIONS = [torch.nn.ReLU(), torch.nn.LeakyReLU(0.07), torch.nn.ReLU6(), torch.nn.ELU(0.8), torch.nn.Tanh(),
+                  torch.nn.Sigmoid(), torch.nn.GELU(), torch.nn.GELU(approximate="tanh"), torch.nn.SiLU()]
+
+
+@pytest.mark.parametrize("module", NN_ACTIVATIONS, ids=repr)
+def test_module_code_round_trips(module):
+    """The code FusedSequential passes for an nn activation names the activation that
+    module computes, in the reference and in the fused op."""
+    code, param = _ACTIVATIONS[type(module)](module)
+    x = torch.linspace(-8, 8, 97, dtype=torch.float64).reshape(1, 97)
+    torch.testing.assert_close(reference.activation(x, code, param), module(x), rtol=0, atol=0)
+    eye = torch.eye(97, dtype=torch.float64)
+    torch.testing.assert_close(chain(x, [eye], [None], [None], [None], [code], [param]), module(x),
+                               rtol=1e-14, atol=1e-14)
+
+
+def test_every_code_has_a_module():
+    codes = {_ACTIVATIONS[type(m)](m)[0] for m in NN_ACTIVATIONS}
+    assert codes | {reference.ACTIVATION_CODES["identity"]} == set(ACTS)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -146,6 +175,20 @@ def test_threads_give_the_same_bits(threads, m):
     two = chain(x, *args)
     assert torch.equal(one, two)
     check(x, *args)
+
+
+@pytest.mark.parametrize("m", [1, 130, 600])
+def test_more_threads_than_cores_give_the_same_bits(threads, m):
+    # an oversubscribed team: late threads find their tasks taken, and calls that waited
+    # for them fall back to one thread for a while (csr_kernels.h, run_tasks)
+    layers = make_layers([1031, 515, 300, 10], ["csr", "dense", "csr"], torch.float32, "cpu", density=0.1)
+    x = torch.randn(m, 1031)
+    args = (*layers, [1, 7, 0], [0.0] * 3)
+    threads(1)
+    one = chain(x, *args)
+    threads(4 * (os.cpu_count() or 1))
+    for _ in range(20):
+        assert torch.equal(chain(x, *args), one)
 
 
 @pytest.mark.parametrize("device", DEVICES)

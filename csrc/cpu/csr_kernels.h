@@ -27,15 +27,19 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "../activations.h"
 #include "vec_math.h"
 
 #if SPARSEVD_X86
@@ -108,8 +112,58 @@ constexpr int64_t kSumChunk = 64;
 constexpr int64_t kPanelBytes = int64_t(384) << 10;
 
 // Below this many multiply-adds a call runs on the calling thread: waking the pool
-// costs more than it saves.
+// costs more than it saves. It is also the smallest task a call is cut into.
 constexpr int64_t kSerialWork = int64_t(1) << 15;
+
+// Tasks per thread when a call's work is shared out: threads claim them one at a time,
+// so a thread that starts late finds its share done by the others.
+constexpr int64_t kTasksPerThread = 4;
+
+// Oversubscription. A parallel region ends when the last thread of its team has
+// finished, and a thread that another process has taken the core from resumes only when
+// the scheduler gives it back: on a machine where every core is busy, a 0.2 ms call can
+// wait 20 ms for one descheduled thread. So tasks are claimed dynamically (the calling
+// thread takes over the tasks of a thread that has not started), and a call whose
+// calling thread then waited at the end longer than it computed marks the cores as
+// contended, and so does one whose calling thread ran for less than half of its wall
+// time (it was descheduled, or slept waiting): calls run on the calling thread alone for
+// the next kContendedNs, then try the team again. The thread count itself is torch's
+// (at::get_num_threads).
+constexpr int64_t kContendedNs = 200'000'000;
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// CPU time of the calling thread, or -1 where the platform has no such clock.
+inline int64_t thread_cpu_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return int64_t(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return -1;
+}
+
+inline std::atomic<int64_t>& contended_until_ns() {
+  static std::atomic<int64_t> until{0};
+  return until;
+}
+
+// Whether `work` multiply-adds are shared among threads: enough of them, more than one
+// thread, not inside a parallel region already, and no sign of contended cores.
+inline bool share_work(int64_t work) {
+  return work >= 2 * kSerialWork && at::get_num_threads() > 1 && !at::in_parallel_region() &&
+         now_ns() >= contended_until_ns().load(std::memory_order_relaxed);
+}
+
+// The number of tasks to cut `work` into (at most `limit`): each at least kSerialWork,
+// kTasksPerThread per thread.
+inline int64_t task_count(int64_t work, int64_t limit) {
+  return std::max<int64_t>(
+      1, std::min({limit, work / kSerialWork, at::get_num_threads() * kTasksPerThread}));
+}
 
 // ---- bounds ------------------------------------------------------------------------------
 
@@ -175,21 +229,8 @@ inline BadIndex first_bad(const std::vector<BadIndex>& parts) {
 
 // ---- activations -------------------------------------------------------------------------
 
-// The activation codes of linear_chain; sparsevd/reference.py's ACTIVATIONS names them
-// in this order.
-enum Act : int64_t {
-  kIdentity = 0,
-  kRelu = 1,
-  kLeakyRelu = 2,  // param: negative slope
-  kRelu6 = 3,
-  kElu = 4,  // param: alpha
-  kTanh = 5,
-  kSigmoid = 6,
-  kGelu = 7,  // erf form
-  kGeluTanh = 8,
-  kSilu = 9,
-  kNumActs = 10,
-};
+// The codes of linear_chain are csrc/activations.h's table.
+static_assert(kNumActs == 10, "a new activation in csrc/activations.h needs its SIMD form in activate()");
 
 // float lanes. exp is vec_math's (NaN in, NaN out); erf is Abramowitz & Stegun 7.1.26
 // (|error| < 1.5e-7), the form ATen's own vectorized CPU gelu uses. Comparisons are
@@ -198,7 +239,9 @@ template <int L>
 SPARSEVD_INLINE vm::vec<L> activate(vm::vec<L> x, int64_t act, float p) {
   using F = vm::vec<L>;
   const F zero{}, one = vm::splat<L>(1.0f);
-  switch (act) {
+  switch (static_cast<Act>(act)) {
+    case kIdentity:
+    case kNumActs: return x;
     case kRelu: return x < zero ? zero : x;
     case kLeakyRelu: return x < zero ? x * p : x;
     case kRelu6: {
@@ -236,25 +279,20 @@ SPARSEVD_INLINE vm::vec<L> activate(vm::vec<L> x, int64_t act, float p) {
       return 0.5f * x * (one + t);
     }
     case kSilu: return x / (one + vm::exp<L>(-x));
-    default: return x;
   }
+  return x;
 }
 
 // float64: libm, lane by lane (float64 is for tests and gradchecks, not speed).
 SPARSEVD_INLINE double activate_scalar(double x, int64_t act, double p) {
   switch (act) {
-    case kRelu: return x < 0 ? 0.0 : x;
-    case kLeakyRelu: return x < 0 ? x * p : x;
-    case kRelu6: return x < 0 ? 0.0 : (x > 6 ? 6.0 : x);
-    case kElu: return x > 0 ? x : p * std::expm1(x);
-    case kTanh: return std::tanh(x);
-    case kSigmoid: return 1.0 / (1.0 + std::exp(-x));
-    case kGelu: return 0.5 * x * (1.0 + std::erf(x * 0.70710678118654752440));
-    case kGeluTanh:
-      return 0.5 * x * (1.0 + std::tanh(0.79788456080286535588 * (x + 0.044715 * x * x * x)));
-    case kSilu: return x / (1.0 + std::exp(-x));
-    default: return x;
+#define SPARSEVD_ACT_SCALAR(NAME, PY_NAME, SCALAR, ATEN_INPLACE) \
+  case NAME:                                                    \
+    return SCALAR;
+    SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_SCALAR)
+#undef SPARSEVD_ACT_SCALAR
   }
+  return x;
 }
 
 // act(v) for one vector of acc_t.
@@ -440,8 +478,7 @@ struct Blocks {
   // Otherwise the rows are split (or the call stays on this thread).
   bool split_blocks(int64_t work) const {
     const int64_t threads = at::get_num_threads();
-    return threads > 1 && work >= kSerialWork && !at::in_parallel_region() && count >= threads &&
-           (count % threads == 0 || count >= 4 * threads);
+    return share_work(work) && count >= threads && (count % threads == 0 || count >= 4 * threads);
   }
 };
 
@@ -769,22 +806,61 @@ inline std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t N, int64_
   return bounds;
 }
 
-// Runs f(r0, r1, bad) over [0, N) in row ranges of about equal work on the thread pool
-// (inline when small or already inside a parallel region); returns the first error.
+// Runs task(t) for t in [0, tasks) on a team of min(tasks, threads) threads that claim
+// them in order; `init` (called once per thread that claims one, before its first)
+// returns the thread's state, passed to each task. Marks the cores contended when the
+// calling thread waited for the others longer than it computed.
+template <typename Init, typename Task>
+void run_tasks(int64_t tasks, const Init& init, const Task& task) {
+  std::atomic<int64_t> next{0};
+  int64_t caller_done = 0;
+  const int64_t start = now_ns(), start_cpu = thread_cpu_ns();
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    int64_t t = next.fetch_add(1, std::memory_order_relaxed);
+    if (t < tasks) {
+      auto state = init();
+      for (; t < tasks; t = next.fetch_add(1, std::memory_order_relaxed)) task(t, state);
+    }
+    if (at::get_thread_num() == 0) caller_done = now_ns();
+  });
+  const int64_t end = now_ns(), cpu = start_cpu < 0 ? -1 : thread_cpu_ns() - start_cpu;
+  // Waiting for the last task of a thread that started in time takes a fraction of what
+  // the caller computed (its share is kTasksPerThread tasks); waiting longer than all of
+  // it means a thread of the team did not run.
+  const bool waited = caller_done > 0 && end - caller_done > (caller_done - start) + 50'000;
+  const bool descheduled = cpu >= 0 && end - start > 2 * cpu + 50'000;
+  if (waited || descheduled) contended_until_ns().store(end + kContendedNs, std::memory_order_relaxed);
+}
+
+// Runs f(r0, r1) over [0, N) rows of `work` multiply-adds in all, in contiguous ranges
+// of at least `grain` rows shared among threads (inline when small, already inside a
+// parallel region or on contended cores).
+template <typename F>
+void for_rows(int64_t N, int64_t work, int64_t grain, const F& f) {
+  if (!share_work(work) || N <= grain) {
+    f(int64_t(0), N);
+    return;
+  }
+  const int64_t tasks = task_count(work, (N + grain - 1) / grain);
+  const int64_t rows = (N + tasks - 1) / tasks;
+  run_tasks(tasks, [] { return 0; }, [&](int64_t t, int) { f(t * rows, std::min(N, (t + 1) * rows)); });
+}
+
+// Runs f(r0, r1, bad) over [0, N) in row ranges of about equal work (non-zeros + rows)
+// shared among threads (inline when small, already inside a parallel region or on
+// contended cores); returns the first error.
 template <typename F>
 BadIndex for_rows_balanced(const int32_t* crow, int64_t N, int64_t work, const F& f) {
-  const int64_t threads = at::get_num_threads();
-  if (work < kSerialWork || threads <= 1 || N <= 1 || at::in_parallel_region()) {
+  if (!share_work(work) || N <= 1) {
     BadIndex bad;
     f(int64_t(0), N, bad);
     return bad;
   }
-  const int64_t parts = std::min<int64_t>(threads, N);
+  const int64_t parts = task_count(work, N);
   const std::vector<int64_t> bounds = balanced_rows(crow, N, parts);
   std::vector<BadIndex> bad(parts);
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1], bad[p]);
+  run_tasks(parts, [] { return 0; }, [&](int64_t p, int) {
+    if (bounds[p] < bounds[p + 1]) f(bounds[p], bounds[p + 1], bad[p]);
   });
   return first_bad(bad);
 }

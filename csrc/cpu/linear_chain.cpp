@@ -19,14 +19,11 @@
 // panels); otherwise every layer splits its rows (balanced by non-zeros for CSR).
 // Bounds are checked as in csr_linear: a bad index raises, naming the layer.
 //
-// Inference only: the Autograd kernel below refuses inputs that require grad when grad
-// mode is on (run the layers one by one to train through them).
+// Inference only: its autograd kernel (csrc/autograd.cpp) refuses inputs that require
+// grad when grad mode is on.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/grad_mode.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
@@ -47,96 +44,6 @@
 #endif
 
 namespace sparsevd {
-
-std::vector<ChainLayer> linear_chain_layers(const at::Tensor& x, at::TensorList weights,
-                                            const c10::List<std::optional<at::Tensor>>& crow_indices,
-                                            const c10::List<std::optional<at::Tensor>>& col_indices,
-                                            const c10::List<std::optional<at::Tensor>>& biases,
-                                            at::IntArrayRef activations,
-                                            at::ArrayRef<double> activation_params) {
-  constexpr const char* op = "sparsevd::linear_chain";
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", x.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 ||
-                  dtype == at::kDouble,
-              op, ": x must be float32, float16, bfloat16 or float64, got ", dtype);
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(L >= 1, op, ": needs at least one layer");
-  TORCH_CHECK(static_cast<int64_t>(crow_indices.size()) == L &&
-                  static_cast<int64_t>(col_indices.size()) == L &&
-                  static_cast<int64_t>(biases.size()) == L &&
-                  static_cast<int64_t>(activations.size()) == L &&
-                  static_cast<int64_t>(activation_params.size()) == L,
-              op, ": weights, crow_indices, col_indices, biases, activations and ",
-              "activation_params must have one entry per layer, got ", L, ", ",
-              crow_indices.size(), ", ", col_indices.size(), ", ", biases.size(), ", ",
-              activations.size(), " and ", activation_params.size());
-  const auto device = x.device();
-  std::vector<ChainLayer> layers(L);
-  int64_t K = x.size(1);
-  for (int64_t i = 0; i < L; ++i) {
-    ChainLayer& layer = layers[i];
-    const at::Tensor& w = weights[i];
-    const std::optional<at::Tensor> crow = crow_indices.get(i);
-    const std::optional<at::Tensor> col = col_indices.get(i);
-    const std::optional<at::Tensor> bias = biases.get(i);
-    const bool has_crow = crow.has_value() && crow->defined();
-    const bool has_col = col.has_value() && col->defined();
-    TORCH_CHECK(has_crow == has_col, op, ": layer ", i,
-                ": crow_indices and col_indices must both be given (CSR) or both be None (dense)");
-    TORCH_CHECK(w.scalar_type() == dtype, op, ": layer ", i, ": weight has dtype ",
-                w.scalar_type(), " but x has ", dtype);
-    TORCH_CHECK(w.device() == device, op, ": layer ", i, ": weight is on ", w.device(),
-                " but x is on ", device);
-    layer.sparse = has_crow;
-    layer.K = K;
-    if (has_crow) {
-      const at::Tensor& c = *crow;
-      const at::Tensor& k = *col;
-      TORCH_CHECK(c.dim() == 1 && c.numel() >= 1 && c.scalar_type() == at::kInt, op, ": layer ",
-                  i, ": crow_indices must be a 1-D int32 tensor of N + 1 >= 1 entries, got ",
-                  c.scalar_type(), " of shape ", c.sizes());
-      TORCH_CHECK(k.dim() == 1 && k.scalar_type() == at::kInt, op, ": layer ", i,
-                  ": col_indices must be a 1-D int32 tensor, got ", k.scalar_type(),
-                  " of shape ", k.sizes());
-      TORCH_CHECK(w.dim() == 1 && w.numel() == k.numel(), op, ": layer ", i,
-                  ": a CSR layer's weight is its values, 1-D with one entry per column index (",
-                  k.numel(), "), got shape ", w.sizes());
-      TORCH_CHECK(k.numel() <= INT32_MAX, op, ": layer ", i, ": nnz must fit in int32, got ",
-                  k.numel());
-      TORCH_CHECK(c.device() == device && k.device() == device, op, ": layer ", i,
-                  ": crow_indices and col_indices must be on x's device (", device, "), got ",
-                  c.device(), " and ", k.device());
-      layer.crow = c.contiguous();
-      layer.col = k.contiguous();
-      layer.N = c.numel() - 1;
-      layer.nnz = k.numel();
-      TORCH_CHECK(K > 0 || layer.nnz == 0, op, ": layer ", i, " has K = 0 inputs but ",
-                  layer.nnz, " non-zeros");
-    } else {
-      TORCH_CHECK(w.dim() == 2 && w.size(1) == K, op, ": layer ", i,
-                  ": a dense weight must be [N, K = ", K, "], got shape ", w.sizes());
-      layer.N = w.size(0);
-    }
-    layer.weight = w.contiguous();
-    if (bias.has_value() && bias->defined()) {
-      const at::Tensor& b = *bias;
-      TORCH_CHECK(b.dim() == 1 && b.size(0) == layer.N && b.scalar_type() == dtype &&
-                      b.device() == device,
-                  op, ": layer ", i, ": bias must be a 1-D ", dtype, " tensor of N = ", layer.N,
-                  " entries on ", device, ", got ", b.scalar_type(), " of shape ", b.sizes(),
-                  " on ", b.device());
-      layer.bias = b.contiguous();
-    }
-    layer.act = activations[i];
-    TORCH_CHECK(layer.act >= 0 && layer.act < csr::kNumActs, op, ": layer ", i,
-                ": activation code ", layer.act, " is not one of 0..", csr::kNumActs - 1,
-                " (sparsevd.reference.ACTIVATIONS)");
-    layer.param = activation_params[i];
-    K = layer.N;
-  }
-  return layers;
-}
 
 namespace {
 
@@ -354,8 +261,8 @@ BadIndex chain_gemv(const at::Tensor& x, const std::vector<ChainLayer>& layers, 
         return bad;
       }
     } else {
-      at::parallel_for(0, l.N, std::max<int64_t>(1, csr::kSerialWork / std::max<int64_t>(l.K, 1)),
-                       [&](int64_t r0, int64_t r1) { k.dense_gemv(w, l.K, in, bias, out, r0, r1); });
+      csr::for_rows(l.N, l.N * l.K, std::max<int64_t>(1, csr::kSerialWork / std::max<int64_t>(l.K, 1)),
+                    [&](int64_t r0, int64_t r1) { k.dense_gemv(w, l.K, in, bias, out, r0, r1); });
     }
     k.act(out, l.N, l.act, static_cast<acc_t>(l.param));
     in = out;
@@ -425,10 +332,11 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
         at::mm_out(Q, gemm_weight[i], at::from_blob(in, {l.K, pw}, acc_options));
         k.bias_act(out, pw, bias, l.act, param, 0, l.N);
       } else {
-        at::parallel_for(0, l.N, std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
-                         [&](int64_t r0, int64_t r1) {
-                           k.dense(pw, w, l.K, in, bias, l.act, param, out, r0, r1);
-                         });
+        csr::for_rows(l.N, l.N * l.K * pw,
+                      std::max<int64_t>(8, csr::kSerialWork / std::max<int64_t>(l.K * pw, 1)),
+                      [&](int64_t r0, int64_t r1) {
+                        k.dense(pw, w, l.K, in, bias, l.act, param, out, r0, r1);
+                      });
       }
       std::swap(in, out);
     }
@@ -438,14 +346,12 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
 
   if (blocks.split_blocks(work)) {
     std::vector<BadIndex> bad(blocks.count);
-    at::parallel_for(0, blocks.count, 1, [&](int64_t b0, int64_t b1) {
-      at::Tensor scratch = at::empty({2 * panel}, acc_options);
-      acc_t* A = scratch.mutable_data_ptr<acc_t>();
-      for (int64_t b = b0; b < b1; ++b) {
-        bad[b] = run_block(b, A, A + panel);
-        if (!bad[b].ok()) return;
-      }
-    });
+    csr::run_tasks(
+        blocks.count, [&] { return at::empty({2 * panel}, acc_options); },
+        [&](int64_t b, at::Tensor& scratch) {
+          acc_t* A = scratch.mutable_data_ptr<acc_t>();
+          bad[b] = run_block(b, A, A + panel);
+        });
     return csr::first_bad(bad);
   }
   at::Tensor scratch = at::empty({2 * panel}, acc_options);
@@ -458,9 +364,8 @@ BadIndex chain_panels(const at::Tensor& x, const std::vector<ChainLayer>& layers
 }
 
 at::Tensor linear_chain_cpu(const at::Tensor& x, at::TensorList weights,
-                            const c10::List<std::optional<at::Tensor>>& crow_indices,
-                            const c10::List<std::optional<at::Tensor>>& col_indices,
-                            const c10::List<std::optional<at::Tensor>>& biases,
+                            const OptionalTensorList& crow_indices,
+                            const OptionalTensorList& col_indices, const OptionalTensorList& biases,
                             at::IntArrayRef activations, at::ArrayRef<double> activation_params) {
   const std::vector<ChainLayer> layers = linear_chain_layers(
       x, weights, crow_indices, col_indices, biases, activations, activation_params);
@@ -488,43 +393,8 @@ at::Tensor linear_chain_cpu(const at::Tensor& x, at::TensorList weights,
   return y;
 }
 
-// Inference only: refuses to run where autograd would need a graph; otherwise runs the
-// backend kernel below autograd.
-at::Tensor linear_chain_autograd(const at::Tensor& x, at::TensorList weights,
-                                 const c10::List<std::optional<at::Tensor>>& crow_indices,
-                                 const c10::List<std::optional<at::Tensor>>& col_indices,
-                                 const c10::List<std::optional<at::Tensor>>& biases,
-                                 at::IntArrayRef activations,
-                                 at::ArrayRef<double> activation_params) {
-  if (at::GradMode::is_enabled()) {
-    bool needs_grad = x.requires_grad();
-    for (const auto& w : weights) needs_grad = needs_grad || w.requires_grad();
-    for (size_t i = 0; i < biases.size(); ++i) {
-      const std::optional<at::Tensor> b = biases.get(i);
-      needs_grad = needs_grad || (b.has_value() && b->defined() && b->requires_grad());
-    }
-    TORCH_CHECK(!needs_grad,
-                "sparsevd::linear_chain is inference-only (it has no backward), but grad mode "
-                "is on and an input requires grad: run it under torch.no_grad() or "
-                "torch.inference_mode(), or run the layers one by one to train through them");
-  }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("sparsevd::linear_chain", "")
-                             .typed<at::Tensor(const at::Tensor&, at::TensorList,
-                                               const c10::List<std::optional<at::Tensor>>&,
-                                               const c10::List<std::optional<at::Tensor>>&,
-                                               const c10::List<std::optional<at::Tensor>>&,
-                                               at::IntArrayRef, at::ArrayRef<double>)>();
-  at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(x, weights, crow_indices, col_indices, biases, activations, activation_params);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsevd, CPU, m) { m.impl("linear_chain", &linear_chain_cpu); }
-// Per-backend autograd keys: they take precedence over the Python autograd formula
-// (sparsevd/_ops.py, on the Autograd alias), which serves the devices without C++ kernels.
-TORCH_LIBRARY_IMPL(sparsevd, AutogradCPU, m) { m.impl("linear_chain", &linear_chain_autograd); }
-TORCH_LIBRARY_IMPL(sparsevd, AutogradCUDA, m) { m.impl("linear_chain", &linear_chain_autograd); }
 
 }  // namespace sparsevd

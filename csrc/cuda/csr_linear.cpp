@@ -1,7 +1,10 @@
 // CUDA glue of sparsevd::csr_linear: argument checks, allocation, stream and choice of
 // regime; the kernels are in csr_spmm.cu (compiled by nvcc without torch headers).
 // Invalid CSR structure cannot raise here without a synchronization: the kernels give
-// the affected rows NaN outputs instead (csr_spmm.h).
+// the affected rows NaN outputs instead (csr_spmm.h). Unsorted or repeated columns are not
+// invalid to the kernels: they sum every entry, as on the CPU. A row_order that is not a
+// permutation (not checked here: its owner checks it) would leave the rows it misses
+// unwritten.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/empty.h>
@@ -11,15 +14,11 @@
 
 #include <optional>
 
+#include "../csr_linear_checks.h"
+#include "csr_linear.h"
 #include "csr_spmm.h"
 
 namespace sparsevd {
-
-// Defined in csrc/cpu/csr_linear.cpp (always built): the O(1) checks shared by devices.
-int64_t csr_linear_check_args(const at::Tensor& x, const at::Tensor& crow_indices,
-                              const at::Tensor& col_indices, const at::Tensor& values,
-                              const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& row_order);
 
 namespace {
 
@@ -38,9 +37,6 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
 
 }  // namespace
 
-// y = x·Wᵀ + b on the current stream, for checked arguments on x's device (the guard is
-// the caller's); bias and row_order contiguous or undefined. Also a layer of
-// linear_chain (csrc/cuda/linear_chain.cpp). No synchronization: CUDA-graph capturable.
 at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indices,
                                const at::Tensor& col_indices, const at::Tensor& values,
                                const at::Tensor& bias, const at::Tensor& row_order) {

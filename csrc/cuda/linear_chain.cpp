@@ -13,37 +13,28 @@
 #include <optional>
 #include <vector>
 
+#include "../activations.h"
 #include "../linear_chain.h"
+#include "csr_linear.h"
 
 namespace sparsevd {
 
-// Defined in csr_linear.cpp (CUDA): one checked CSR layer on the current stream.
-at::Tensor csr_linear_cuda_run(const at::Tensor& x, const at::Tensor& crow_indices,
-                               const at::Tensor& col_indices, const at::Tensor& values,
-                               const at::Tensor& bias, const at::Tensor& row_order);
-
 namespace {
 
-// The codes of sparsevd.reference.ACTIVATIONS (and csrc/cpu/csr_kernels.h's Act).
 void activate_(at::Tensor& h, int64_t act, double p) {
   switch (act) {
-    case 1: at::relu_(h); break;
-    case 2: at::leaky_relu_(h, p); break;
-    case 3: at::hardtanh_(h, 0.0, 6.0); break;
-    case 4: at::elu_(h, p); break;
-    case 5: at::tanh_(h); break;
-    case 6: at::sigmoid_(h); break;
-    case 7: at::gelu_(h, "none"); break;
-    case 8: at::gelu_(h, "tanh"); break;
-    case 9: at::silu_(h); break;
-    default: break;
+#define SPARSEVD_ACT_ATEN(NAME, PY_NAME, SCALAR, ATEN_INPLACE) \
+  case NAME:                                                  \
+    ATEN_INPLACE;                                             \
+    break;
+    SPARSEVD_ACTIVATIONS(SPARSEVD_ACT_ATEN)
+#undef SPARSEVD_ACT_ATEN
   }
 }
 
 at::Tensor linear_chain_cuda(const at::Tensor& x, at::TensorList weights,
-                             const c10::List<std::optional<at::Tensor>>& crow_indices,
-                             const c10::List<std::optional<at::Tensor>>& col_indices,
-                             const c10::List<std::optional<at::Tensor>>& biases,
+                             const OptionalTensorList& crow_indices,
+                             const OptionalTensorList& col_indices, const OptionalTensorList& biases,
                              at::IntArrayRef activations, at::ArrayRef<double> activation_params) {
   const std::vector<ChainLayer> layers = linear_chain_layers(
       x, weights, crow_indices, col_indices, biases, activations, activation_params);
