@@ -17,8 +17,8 @@ from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparse_attention import SparseMultiheadAttention
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
-from .training import (KLWarmup, SGVLBLoss, compression, freeze_masks, kl_divergence, sgvlb, sparsevd_modules,
-                       unfreeze_masks)
+from .pruning_layers import sparsevd_modules
+from .training import KLWarmup, SGVLBLoss, compression, freeze_masks, kl_divergence, sgvlb, unfreeze_masks
 from .likelihoods import GaussianLikelihood
 from .training import CollapseWarning
 

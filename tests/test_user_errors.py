@@ -20,7 +20,7 @@ from torch import nn
 import sparsevd
 from sparsevd import _warnings
 from sparsevd.backends import extension
-from sparsevd.training import require_pruning_layers
+from sparsevd.pruning_layers import require_pruning_layers
 
 HERE = __file__
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..inference import FusedSequential
-from ..training import require_pruning_layers
+from ..pruning_layers import require_pruning_layers
 from . import graph, sequential
 from .cost import CPU_COST, CUDA_COST, CostModel, DeviceCost
 
