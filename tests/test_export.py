@@ -140,7 +140,8 @@ CASES = {
     "FusedSequential-cnn": (_sparsified_cnn, lambda b: torch.randn(b, 3, 16),
                             [sparsevd.FusedSequential, sparsevd.SparseConv1d, sparsevd.SparseLinear]),
     "LeNet5": (_lenet5, lambda b: torch.randn(b, 1, 16, 16), [sparsevd.SparseConv2d, sparsevd.SparseLinear]),
-    "ResNet": (_resnet, lambda b: torch.randn(b, 1, 12, 12), [sparsevd.SparseConv2d, nn.BatchNorm2d]),
+    # its BatchNorms folded into the convolutions by sparsify's graph path
+    "ResNet": (_resnet, lambda b: torch.randn(b, 1, 12, 12), [sparsevd.SparseConv2d, torch.fx.GraphModule]),
 }
 
 
@@ -166,7 +167,7 @@ def programs(tmp_path_factory):
     for name, (build, example, types) in CASES.items():
         module = build()
         present = {type(m) for m in module.modules()}
-        assert all(t in present for t in types), (name, present)
+        assert all(any(issubclass(p, t) for p in present) for t in types), (name, present)
         torch.manual_seed(0)
         inputs = [example(b) for b in BATCHES]
         with torch.no_grad():  # eager calls first: a FusedSequential then holds bound chains, which tracing must skip
