@@ -101,7 +101,9 @@ class Report:
         return {"layers": self.rows, "total": self.total, "units": self.units}
 
     def __str__(self):
-        head = f"{'layer':<16}{'type':<15}{'shape':>12}{'kept':>10}{'total':>11}{'sparsity':>10}{'|W|/|W≠0|':>11}" \
+        # the name column fits the longest name (a ResNet's "blocks.1.shortcut.0" ran into the type)
+        w = max([16] + [len(r["layer"]) + 2 for r in self.rows + self.units])
+        head = f"{'layer':<{w}}{'type':<15}{'shape':>12}{'kept':>10}{'total':>11}{'sparsity':>10}{'|W|/|W≠0|':>11}" \
                f"{'FLOPs dense→CSR':>20}{'bytes dense→CSR':>20}"
         lines = [head, "-" * len(head)]
         for r in self.rows + [self.total]:
@@ -109,12 +111,12 @@ class Report:
             flops = f"{_si(r['flops_dense'])}→{_si(r['flops_sparse'])}"
             size = f"{_si(r['bytes_dense'])}→{_si(r['bytes_sparse'])}"
             lines.append(
-                f"{r['layer']:<16}{r['type']:<15}{shape:>12}{r['kept']:>10}{r['total']:>11}{r['sparsity']:>10.2%}"
+                f"{r['layer']:<{w}}{r['type']:<15}{shape:>12}{r['kept']:>10}{r['total']:>11}{r['sparsity']:>10.2%}"
                 f"{r['compression']:>11.1f}{flops:>20}{size:>20}"
             )
         if self.units:
-            lines += ["", f"{'SBP layer':<16}{'units kept':>12}{'total':>8}"]
-            lines += [f"{u['layer']:<16}{u['kept']:>12}{u['total']:>8}" for u in self.units]
+            lines += ["", f"{'SBP layer':<{w}}{'units kept':>12}{'total':>8}"]
+            lines += [f"{u['layer']:<{w}}{u['kept']:>12}{u['total']:>8}" for u in self.units]
         return "\n".join(lines)
 
     __repr__ = __str__

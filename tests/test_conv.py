@@ -494,3 +494,12 @@ def test_compile_fullgraph_cnn():
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
     model.eval()
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
+
+
+def test_report_text_keeps_long_layer_names_apart_from_their_type():
+    model = nn.Sequential()
+    model.add_module("a_rather_long_block_name", nn.Sequential(sparsevd.SparseVDConv2d(3, 4, 3)))
+    lines = str(sparsevd.report(model)).splitlines()
+    row = next(line for line in lines if line.startswith("a_rather_long_block_name.0"))
+    assert row.split()[:2] == ["a_rather_long_block_name.0", "SparseVDConv2d"]
+    assert lines[0].index("type") == row.index("SparseVDConv2d")  # the columns line up under the header
