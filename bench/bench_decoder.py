@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import math
 import sys
 import time
 
@@ -217,11 +216,9 @@ def from_json(data, stat="min"):
 
 
 def interleaved(rounds=30, min_round_s=0.01, clock=time.thread_time):
-    """(step, part) seconds measured round-robin: each round times every case once (a
-    calibrated number of calls), and each case keeps its fastest round. ``clock``: this
-    thread's CPU time by default, which the other processes of a shared machine do not
-    inflate (one torch thread: every op runs on the calling thread), where wall time
-    counts every moment the thread waits for a core; ``time.perf_counter`` for wall time."""
+    """(step, part) seconds measured round-robin (:func:`harness.interleaved`: every case
+    once per round, the fastest round kept; this thread's CPU time by default, the figures
+    to trust on a machine shared with other processes)."""
     torch.set_num_threads(harness.THREADS)
     token, position, caches = _step_inputs()
     fns = {}
@@ -231,20 +228,8 @@ def interleaved(rounds=30, min_round_s=0.01, clock=time.thread_time):
         if impl in PART_IMPLS:
             for name, fn in _parts(model, token, position, caches).items():
                 fns[impl, name] = fn
-    best, calls = {}, {}
     with torch.no_grad():
-        for key, fn in fns.items():
-            for _ in range(3):
-                fn()
-            start = clock()
-            fn()
-            calls[key] = max(1, int(min_round_s / max(clock() - start, 1e-6)))
-        for _ in range(rounds):
-            for key, fn in fns.items():
-                start = clock()
-                for _ in range(calls[key]):
-                    fn()
-                best[key] = min(best.get(key, math.inf), (clock() - start) / calls[key])
+        best = harness.interleaved(fns, rounds, min_round_s, clock)
     return ({impl: t for (impl, name), t in best.items() if name is None},
             {key: t for key, t in best.items() if key[1] is not None})
 

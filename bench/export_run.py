@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 import sparsevd
-from sparsevd.experiments import checkpoints, data, models, thresholds
+from sparsevd.experiments import checkpoints, data
 
 FRESH = """
 import sys, torch, sparsevd
@@ -35,17 +35,8 @@ def main():
     parser.add_argument("run", help="a finished run's output directory")
     parser.add_argument("--examples", type=int, default=256, help="test images to compare on")
     args = parser.parse_args()
-    state = checkpoints.read_checkpoint(os.path.join(args.run, checkpoints.CHECKPOINT), "cpu", "RUN_DIR")
-    c = SimpleNamespace(**state["config"])
-    model = models.build(c.model, c.method, c.sbp_threshold)
-    model.load_state_dict(state["model"])
-    finetune = state.get("finetune")
-    if finetune and finetune.get("threshold") is not None:
-        thresholds.apply(model, finetune["threshold"])
-    if sparsevd.sparsevd_modules(model) or sparsevd.sbp_modules(model):
-        sparsevd.freeze_masks(model)
-    model.eval()
-    _, images = data.load_data(c)
+    model, config = checkpoints.trained_model(args.run)
+    _, images = data.load_data(SimpleNamespace(**config))
     x = images["test_x"][:args.examples]
     with torch.no_grad():
         expected = model(x)

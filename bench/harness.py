@@ -15,6 +15,7 @@ take, summed over them (torch.profiler), is recorded too, as ``extra_info["kerne
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -96,3 +97,26 @@ def device_name(dev):
 def compiled(fn):
     """torch.compile of a baseline; dynamic shapes so one compile serves every size."""
     return torch.compile(fn, dynamic=True)
+
+
+def interleaved(fns, rounds=30, min_round_s=0.01, clock=time.thread_time):
+    """Seconds per call of each of ``fns`` ({key: callable}), measured round-robin: each
+    round times every callable once (a calibrated number of calls), and each keeps its
+    fastest round. ``clock``: this thread's CPU time by default, which the other processes
+    of a shared machine do not inflate (with one torch thread every op runs on the calling
+    thread), where wall time counts every moment the thread waits for a core;
+    ``time.perf_counter`` for wall time. Call it under ``torch.no_grad()`` for inference."""
+    best, calls = {}, {}
+    for key, fn in fns.items():
+        for _ in range(3):
+            fn()
+        start = clock()
+        fn()
+        calls[key] = max(1, int(min_round_s / max(clock() - start, 1e-6)))
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = clock()
+            for _ in range(calls[key]):
+                fn()
+            best[key] = min(best.get(key, math.inf), (clock() - start) / calls[key])
+    return best

@@ -15,6 +15,8 @@ from .report import Report, report
 from .sbp import SBPDropout, sbp_modules
 from .sparse import SparseConv1d, SparseConv2d, SparseLinear
 from .sparse_attention import SparseMultiheadAttention
+from .sparse_transformer import SparseTransformerEncoderLayer
+from .patch_conv import PatchConv2d
 from .sparsify import CostModel, sparsify
 from .uncertainty import Prediction, predict
 from .pruning_layers import sparsevd_modules
@@ -39,6 +41,8 @@ __all__ = [
     "SparseVDEmbedding",
     "SparseEmbedding",
     "SparseMultiheadAttention",
+    "SparseTransformerEncoderLayer",
+    "PatchConv2d",
     "predict",
     "Prediction",
     "SparseLinear",

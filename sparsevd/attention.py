@@ -151,12 +151,13 @@ class _MultiheadAttention(nn.Module):
         else:
             if attn_mask is not None:
                 attn_mask = (attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1
-                             else attn_mask.view(bsz, heads, -1, src_len))
-            q, k, v = (t.view(bsz, heads, -1, head_dim) for t in (q, k, v))
+                             else attn_mask.view(bsz, heads, attn_mask.shape[1], src_len))
+            # explicit lengths: with an empty batch a -1 would be ambiguous
+            q, k, v = (t.view(bsz, heads, t.shape[1], head_dim) for t in (q, k, v))
             out = TF.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
             out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, heads * head_dim)
             weights = None
-        out = self.out_proj(out).view(tgt_len, bsz, -1)
+        out = self.out_proj(out).unflatten(0, (tgt_len, bsz))
         if not is_batched:
             out = out.squeeze(1)
             weights = None if weights is None else weights.squeeze(0)

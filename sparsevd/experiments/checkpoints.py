@@ -10,8 +10,15 @@ import torch
 
 import sparsevd
 
-from .config import FINETUNE_SETTINGS, INIT_SETTINGS, MAGNITUDE_SETTINGS, RUN_SETTINGS, SETTINGS_BEFORE
-from .models import METHODS, MODELS, NETWORK_NAMES, with_sbp
+from . import thresholds
+from .config import (
+    FINETUNE_SETTINGS,
+    INIT_SETTINGS,
+    MAGNITUDE_SETTINGS,
+    RUN_SETTINGS,
+    SETTINGS_BEFORE,
+)
+from .models import METHODS, MODELS, NETWORK_NAMES, build, with_sbp
 
 CHECKPOINT = "checkpoint.pt"
 #: The run as its training epochs left it, kept when fine-tuning begins: --resume-from it
@@ -88,3 +95,18 @@ def load_pretrained(c, device):
     if sbp:
         model = with_sbp(model, c.sbp_threshold)
     return model.state_dict(), state["epoch"]
+
+
+def trained_model(run):
+    """(the network a finished run trained, in eval mode, its fine-tuned masks fixed; the
+    run's settings as a dict), from the checkpoint in the run's directory ``run``."""
+    state = read_checkpoint(os.path.join(run, CHECKPOINT), "cpu", "RUN_DIR")
+    c = state["config"]
+    model = build(c["model"], c["method"], c["sbp_threshold"])
+    model.load_state_dict(state["model"])
+    finetune = state.get("finetune")
+    if finetune and finetune.get("threshold") is not None:
+        thresholds.apply(model, finetune["threshold"])
+    if sparsevd.sparsevd_modules(model) or sparsevd.sbp_modules(model):
+        sparsevd.freeze_masks(model)
+    return model.eval(), c

@@ -12,8 +12,11 @@ import copy
 import torch
 from torch import nn
 
+from ..attention import SparseVDTransformerEncoderLayer
 from ..inference import FusedSequential
 from ..pruning_layers import require_pruning_layers
+from ..sparse_attention import SparseMultiheadAttention
+from ..sparse_transformer import SparseTransformerEncoderLayer
 from . import graph, sequential
 from .cost import CPU_COST, CUDA_COST, CostModel, DeviceCost
 
@@ -61,6 +64,8 @@ def sparsify(model, batch_size=1, cost_model=None, shrink=True, input_shape=None
         if result is None:
             result = sequential.sparsify_modules(inference, batch_size, cost_model, shrink, input_shape)
         for m in result.modules():
+            if type(m) is SparseVDTransformerEncoderLayer and type(m.self_attn) is SparseMultiheadAttention:
+                m.__class__ = SparseTransformerEncoderLayer  # the same layer, its eval call fused
             for flag in ("sparsevd_origin", "_sbp_folded"):
                 if flag in m.__dict__:
                     delattr(m, flag)

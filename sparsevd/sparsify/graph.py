@@ -77,12 +77,12 @@ from ..sparse import SparseLinear
 from .sequential import (
     _BATCHNORMS,
     _CONVS,
-    _SPARSE_CONV,
     CHANNELWISE,
     ELEMENTWISE,
     _dense_like,
     _fold_batchnorm,
     _preserves_constants,
+    conv_form,
     sparsify_modules,
 )
 
@@ -610,11 +610,11 @@ class _Graph:
             if isinstance(m, nn.Linear):
                 if cost_model.choose(m.out_features, m.in_features, nnz, batch_size, device_type, size) == "csr":
                     _set_module(self.gm, node.target, SparseLinear.from_dense(m.weight, m.bias), self.calls)
-            elif _shape(node) is not None:
-                positions = torch.Size(_shape(node)[2:]).numel()
-                if cost_model.choose_conv(m.weight.shape, m.groups, nnz, batch_size, positions, device_type,
-                                          size) == "csr":
-                    _set_module(self.gm, node.target, _SPARSE_CONV[type(m)].from_dense(m), self.calls)
+            else:
+                positions = None if _shape(node) is None else torch.Size(_shape(node)[2:]).numel()
+                replacement = conv_form(m, nnz, batch_size, positions, cost_model, device_type)
+                if replacement is not None:
+                    _set_module(self.gm, node.target, replacement, self.calls)
 
     def inside_leaves(self, batch_size, cost_model, shrink):
         """The per-module path inside each module the graph calls as a whole (an

@@ -23,12 +23,13 @@ from ..conv import _SparseVDConvNd
 from ..embedding import SparseEmbedding, SparseVDEmbedding
 from ..inference import FusedSequential
 from ..layers import SparseVDLinear
+from ..patch_conv import PatchConv2d, is_patch_conv
 from ..plain import runs_as
 from ..report import kept_weights
 from ..sbp import SBPDropout
 from ..shapes import output_positions
-from ..sparse_attention import SparseMultiheadAttention
 from ..sparse import SparseConv1d, SparseConv2d, SparseLinear
+from ..sparse_attention import SparseMultiheadAttention
 
 #: Modules that act on each feature separately (in eval mode), so a unit can be cut
 #: through them and a constant unit stays a constant.
@@ -306,21 +307,41 @@ def _fold_sbp(module):
                 module._sbp_folded = True
 
 
+def conv_form(conv, nnz, batch_size, positions, cost_model, device_type):
+    """What sparsify puts in place of the pruned convolution ``conv`` (``nnz`` weights kept,
+    ``positions`` output positions per example, None if unknown), or None to keep it.
+
+    A patch convolution (stride equal to the kernel: a ViT's patch embedding) becomes a
+    :class:`PatchConv2d` on the CPU, CSR or dense as the cost model prices the linear layer
+    it is (dense when its positions are unknown): a reshape and one GEMM beat the
+    convolution's call at every batch measured there; on CUDA it was not measured, so it
+    stays a convolution."""
+    size = conv.weight.element_size()
+    if device_type == "cpu" and is_patch_conv(conv):
+        patch = conv.weight[0].numel()
+        sparse = positions is not None and cost_model.choose(conv.out_channels, patch, nnz, batch_size * positions,
+                                                             device_type, size) == "csr"
+        return PatchConv2d.from_conv(conv, sparse)
+    if positions is not None and cost_model.choose_conv(conv.weight.shape, conv.groups, nnz, batch_size, positions,
+                                                        device_type, size) == "csr":
+        return _SPARSE_CONV[type(conv)].from_dense(conv)
+    return None
+
+
 def _choose_forms(module, batch_size, cost_model, device_type, positions, prefix=""):
     for name, child in module.named_children():
         full = prefix + name
         if isinstance(child, (nn.Linear, *_CONVS)) and getattr(child, "sparsevd_origin", False):
             nnz = kept_weights(child)[0]
-            size = child.weight.element_size()
             if isinstance(child, nn.Linear):
-                form = cost_model.choose(child.out_features, child.in_features, nnz, batch_size, device_type, size)
+                form = cost_model.choose(child.out_features, child.in_features, nnz, batch_size, device_type,
+                                         child.weight.element_size())
                 if form == "csr":
                     setattr(module, name, SparseLinear.from_dense(child.weight, child.bias))
-            elif full in positions:
-                form = cost_model.choose_conv(child.weight.shape, child.groups, nnz, batch_size, positions[full],
-                                              device_type, size)
-                if form == "csr":
-                    setattr(module, name, _SPARSE_CONV[type(child)].from_dense(child))
+            else:
+                replacement = conv_form(child, nnz, batch_size, positions.get(full), cost_model, device_type)
+                if replacement is not None:
+                    setattr(module, name, replacement)
         else:
             _choose_forms(child, batch_size, cost_model, device_type, positions, full + ".")
 

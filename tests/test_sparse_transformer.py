@@ -1,0 +1,222 @@
+"""SparseTransformerEncoderLayer, the form sparsify() gives a converted encoder layer: its
+fused eval call (the projections and the MLP as linear_chain ops) computes what the
+converted model computes in eval mode, on odd sizes, both layouts, both norm orders, every
+activation an encoder layer takes, with and without biases, float32 and float64, CSR and
+dense forms, batched and unbatched; and whatever the fused call cannot honour (masks,
+training, autograd, hooks, parametrizations, replaced modules or activations) runs the
+layer's modules one by one, seen on the call it happens."""
+
+import copy
+import dataclasses
+import math
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as TF
+from torch.nn.utils import parametrize
+
+import sparsevd
+from sparsevd.sparsify import CPU_COST
+
+ALWAYS_CSR = sparsevd.CostModel(cpu=dataclasses.replace(CPU_COST, dense_overhead_s=math.inf))
+COST_MODELS = {"csr": ALWAYS_CSR, "dense": sparsevd.CostModel.dense()}
+D, HEADS, FF = 30, 5, 46  # odd sizes: head_dim 6
+
+
+def _encoder(norm_first=True, batch_first=True, activation="gelu", bias=True, dtype=torch.float32, seed=0):
+    """A converted 2-layer encoder with about 70 % of every layer's weights pruned, and one
+    head's value rows all pruned (so that sparsify removes it)."""
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(D, HEADS, FF, dropout=0.1, activation=activation, batch_first=batch_first,
+                                       norm_first=norm_first, bias=bias, dtype=dtype)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.LayerNorm(D, dtype=dtype))
+    model = sparsevd.convert(model, log_sigma2_init=-40.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, m in sparsevd.sparsevd_modules(model):
+            m.log_sigma2.masked_fill_(torch.rand(m.weight.shape, generator=generator) < 0.7, 10.0)
+        v_proj = model[0].layers[1].self_attn.v_proj
+        v_proj.log_sigma2[D // HEADS:2 * D // HEADS] = 10.0
+        if v_proj.bias is not None:
+            v_proj.bias[D // HEADS:2 * D // HEADS] = 0.0
+    return model.eval()
+
+
+def _input(batch_first=True, batch=3, length=7, dtype=torch.float32, seed=2):
+    shape = (batch, length, D) if batch_first else (length, batch, D)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _fused_calls(model):
+    """Counts, per call of ``model``, the encoder layers that took the fused path."""
+    calls = []
+    for layer in model.modules():
+        if isinstance(layer, sparsevd.SparseTransformerEncoderLayer):
+            fused = layer._fused
+            layer._fused = lambda plan, x, fused=fused: calls.append(1) or fused(plan, x)
+    return calls
+
+
+def _close(got, expected):
+    tolerance = 1e-12 if expected.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("form", COST_MODELS)
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("activation", ["gelu", "relu", nn.GELU(approximate="tanh")])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_fused_call_computes_the_eval_output(dtype, form, norm_first, batch_first, activation, bias):
+    model = _encoder(norm_first, batch_first, activation, bias, dtype)
+    fast = sparsevd.sparsify(model, cost_model=COST_MODELS[form])
+    layers = [m for m in fast.modules() if isinstance(m, sparsevd.SparseVDTransformerEncoderLayer)]
+    assert [type(m) for m in layers] == [sparsevd.SparseTransformerEncoderLayer] * 2
+    assert layers[1].self_attn.removed_heads == 1
+    calls = _fused_calls(fast)
+    for x in (_input(batch_first, dtype=dtype), _input(batch_first, batch=1, length=1, dtype=dtype),
+              _input(batch_first, dtype=dtype)[0]):  # unbatched [L, E]
+        with torch.no_grad():
+            _close(fast(x), model(x))
+    assert len(calls) == 6
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_fused_call_runs_under_no_grad_and_inference_mode(mode):
+    model = _encoder()
+    fast, x = sparsevd.sparsify(model), _input()
+    calls = _fused_calls(fast)
+    with torch.no_grad():
+        expected = model(x)
+    with mode():
+        _close(fast(x), expected)
+    assert len(calls) == 2
+
+
+def test_masks_run_the_layer_modules_and_match_the_eval_output():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    calls = _fused_calls(fast)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, -2:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        for kwargs in ({"src_key_padding_mask": padding}, {"mask": causal}, {"mask": causal, "is_causal": True}):
+            _close(fast[1](fast[0](x, **kwargs)), model[1](model[0](x, **kwargs)))
+    assert calls == []
+
+
+def test_autograd_and_training_run_the_layer_modules():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    calls = _fused_calls(fast)
+    x.requires_grad_(True)
+    out = fast(x)
+    out.sum().backward()
+    with torch.no_grad():
+        _close(out, model(x))
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    fast.train()  # dropout 0.1 in the layers: training differs, and must not be fused
+    torch.manual_seed(0)
+    with torch.no_grad():
+        a = fast(x)
+    assert not torch.allclose(a, out)
+    assert calls == []
+
+
+def test_a_change_after_the_first_call_is_seen_on_the_next():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    layer = fast[0].layers[0]
+    calls = _fused_calls(fast)
+    with torch.no_grad():
+        expected = fast(x)
+        assert len(calls) == 2
+
+        seen = []
+        handle = layer.linear1.register_forward_hook(lambda m, i, o: seen.append(1))
+        _close(fast(x), expected)
+        assert seen == [1] and len(calls) == 3  # the hooked layer ran its modules
+        handle.remove()
+        fast(x)
+        assert len(calls) == 5
+
+        layer.activation = TF.relu  # a new activation function
+        relu = fast(x)
+        assert len(calls) == 7 and not torch.allclose(relu, expected)
+        layer.activation = TF.gelu
+        _close(fast(x), expected)
+
+        layer.norm2 = copy.deepcopy(layer.norm2)  # a replaced module
+        layer.norm2.weight.mul_(2.0)
+        assert not torch.allclose(fast(x), expected) and len(calls) == 11
+
+        layer.linear2.forward = lambda h: torch.zeros(h.shape[:-1] + (D,))  # a forward of its own
+        mlp_off = fast(x)
+        assert len(calls) == 12  # layer 1 alone
+        del layer.linear2.forward
+        assert not torch.allclose(mlp_off, fast(x)) and len(calls) == 14
+
+
+def test_a_parametrization_added_after_the_first_call_is_applied():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    calls = _fused_calls(fast)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    with torch.no_grad():
+        fast(x)
+        assert len(calls) == 2
+        for target in (model, fast):  # the converted model runs its modules one by one
+            parametrize.register_parametrization(target[0].layers[0].norm1, "weight", Double())
+        _close(fast(x), model(x))
+        assert len(calls) == 3
+
+
+def test_load_state_dict_and_to_after_the_first_call():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    other = sparsevd.sparsify(_encoder(seed=5))
+    with torch.no_grad():
+        fast(x)
+        fast.load_state_dict(other.state_dict())
+        _close(fast(x), other(x))
+        fast.double()
+        _close(fast(x.double()), other.double()(x.double()))
+        with pytest.raises((RuntimeError, ValueError)):
+            fast(x)  # float32 into a float64 model: an error, as in torch
+
+
+def test_pickle_and_deepcopy_after_a_call():
+    model, x = _encoder(), _input()
+    fast = sparsevd.sparsify(model)
+    with torch.no_grad():
+        expected = fast(x)
+        for copied in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert "_fused_plan" not in copied[0].layers[0].__dict__
+            calls = _fused_calls(copied)
+            _close(copied(x), expected)
+            assert len(calls) == 2
+
+
+def test_bad_input_gets_the_errors_of_the_modules():
+    fast = sparsevd.sparsify(_encoder())
+    with torch.no_grad():
+        with pytest.raises((RuntimeError, ValueError)):
+            fast(torch.randn(3, 7, D + 1))
+        with pytest.raises((RuntimeError, ValueError)):
+            fast(torch.randn(2, 3, 7, D))
+        with pytest.raises((RuntimeError, ValueError)):
+            fast(torch.randn(3, 7, D, dtype=torch.float64))
+        empty = fast(torch.randn(0, 7, D))
+        assert empty.shape == (0, 7, D)
+        nan = torch.randn(3, 7, D)
+        nan[1, 2, 3] = float("nan")
+        out = fast(nan)
+        assert out[1].isnan().any() and not out[0].isnan().any()  # a NaN spreads within its sequence only
