@@ -87,23 +87,14 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
 
-def _prune(model, percent, seed=0):
-    """The converted model with ``percent`` % of each SparseVD layer's weights pruned at random."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in sparsevd.sparsevd_modules(model):
-            pruned = torch.rand(layer.weight.shape, generator=generator) < percent / 100
-            layer.log_sigma2.copy_(torch.where(pruned, 10.0, -20.0))
-    return model
-
-
 @functools.lru_cache(maxsize=None)
 def _models():
     torch.manual_seed(0)
     dense = GPT().eval()
     models = {"dense": dense, "dense-compile": harness.compiled(dense)}
     for percent in PRUNED:
-        converted = _prune(sparsevd.convert(copy.deepcopy(dense), log_sigma2_init=-40.0), percent).eval()
+        converted = sparsevd.convert(copy.deepcopy(dense), log_sigma2_init=-40.0)
+        converted = harness.prune_at_random(converted, percent).eval()
         models[f"converted-eval-{percent}"] = converted
         models[f"sparsified-{percent}"] = sparsevd.sparsify(converted, batch_size=1)
     return models

@@ -38,15 +38,6 @@ PRUNED = [90, 95, 98]
 BATCHES = [1, 64]
 
 
-def _prune(model, percent, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in sparsevd.sparsevd_modules(model):
-            pruned = torch.rand(layer.weight.shape, generator=generator) < percent / 100
-            layer.log_sigma2.copy_(torch.where(pruned, 10.0, -20.0))
-    return model
-
-
 def _trained():
     """The network of the run in SPARSEVD_VIT_RUN (eval mode), or None."""
     run = os.environ.get("SPARSEVD_VIT_RUN")
@@ -66,7 +57,8 @@ def _models(batch):
     dense = models.vit(False).eval()
     cases = {"dense": dense, "dense-compile": harness.compiled(dense)}
     for percent in PRUNED:
-        converted = _prune(sparsevd.convert(copy.deepcopy(dense), log_sigma2_init=-40.0), percent).eval()
+        converted = sparsevd.convert(copy.deepcopy(dense), log_sigma2_init=-40.0)
+        converted = harness.prune_at_random(converted, percent).eval()
         cases[f"converted-eval-{percent}"] = converted
         cases[f"sparsified-{percent}"] = sparsevd.sparsify(converted, batch_size=batch, input_shape=(1, 28, 28))
     trained = _trained()

@@ -120,3 +120,16 @@ def interleaved(fns, rounds=30, min_round_s=0.01, clock=time.thread_time):
                 fn()
             best[key] = min(best.get(key, math.inf), (clock() - start) / calls[key])
     return best
+
+
+def prune_at_random(model, percent, seed=0):
+    """``model`` (converted with a low log σ²) with ``percent`` % of every SparseVD layer's
+    weights pruned at random: log σ² 10 there, -20 elsewhere. Returns the model."""
+    import sparsevd
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in sparsevd.sparsevd_modules(model):
+            pruned = torch.rand(layer.weight.shape, generator=generator) < percent / 100
+            layer.log_sigma2.copy_(torch.where(pruned, 10.0, -20.0))
+    return model

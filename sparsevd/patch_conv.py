@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from .sparse import SparseLinear
+from .sparse import SparseLinear, dense_linear
 
 __all__ = ["PatchConv2d"]
 
@@ -60,15 +60,7 @@ class PatchConv2d(nn.Module):
                              f"padding, dilation or groups, got {conv}")
         weight = conv.weight.detach().reshape(conv.out_channels, -1)
         bias = None if conv.bias is None else conv.bias.detach()
-        if sparse:
-            gemm = SparseLinear.from_dense(weight, bias)
-        else:
-            gemm = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                                      device=weight.device, dtype=weight.dtype)
-            with torch.no_grad():
-                gemm.weight.copy_(weight)
-                if bias is not None:
-                    gemm.bias.copy_(bias)
+        gemm = SparseLinear.from_dense(weight, bias) if sparse else dense_linear(weight, bias)
         return cls(conv.in_channels, conv.out_channels, conv.kernel_size, gemm)
 
     def forward(self, input):

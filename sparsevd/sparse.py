@@ -35,6 +35,18 @@ def dense_to_csr(weight):
     return crow.int(), cols.int(), weight[rows, cols].contiguous()
 
 
+def dense_linear(weight, bias):
+    """An ``nn.Linear`` holding ``weight`` [out, in] and ``bias`` (or None): a pruned weight's
+    dense form."""
+    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                               device=weight.device, dtype=weight.dtype)  # overwritten at once
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 class SparseLinear(nn.Module):
     """y = x W_csrᵀ + b for a weight stored in CSR (rows = output features).
 

@@ -25,19 +25,14 @@ from torch import nn
 from torch.nn import functional as TF
 
 from .attention import SparseVDMultiheadAttention, _MultiheadAttention
-from .sparse import SparseLinear
+from .sparse import SparseLinear, dense_linear
 
 __all__ = ["SparseMultiheadAttention"]
 
 
 def _inference_linear(weight, bias):
     """An nn.Linear holding ``weight``/``bias`` that sparsify's cost model may turn into CSR."""
-    layer = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                               device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
+    layer = dense_linear(weight, bias)
     layer.sparsevd_origin = True  # sparsify's mark: a pruned weight whose form the cost model chooses
     return layer
 
