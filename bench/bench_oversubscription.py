@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from sparsevd.experiments.measure import torch_threads
 import sparsevd
 
 DEV = torch.device("cpu")
@@ -70,16 +71,6 @@ def _load(kind):
             p.wait()
 
 
-@contextlib.contextmanager
-def _threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("load", ["quiet", "busy"])
 @pytest.mark.parametrize("impl", ["sparsevd", "sparsevd-1-thread", "dense"])
 def test_4096_layer_batch_1(benchmark, impl, load):
@@ -97,6 +88,6 @@ def test_4096_layer_batch_1(benchmark, impl, load):
 
     threads = 1 if impl == "sparsevd-1-thread" else torch.get_num_threads()
     benchmark.group = f"{N}x{K} at {PRUNED:.0%} pruned, batch 1, {load}"
-    with _threads(threads), _load(load) as spinners:
+    with torch_threads(threads), _load(load) as spinners:
         harness.measure(benchmark, run, DEV, impl=impl, load=load, spinners=spinners, threads=threads,
                         nnz=int(w.count_nonzero()), calls=CALLS)

@@ -87,7 +87,8 @@ def structure(model, input_shape):
 
 
 @contextlib.contextmanager
-def _cpu_threads(n):
+def torch_threads(n):
+    """torch's CPU threads set to ``n`` inside the block, and set back after it."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -115,7 +116,7 @@ def inference_timings(c, model, x):
     for device in devices:
         net = model if device == x.device else copy.deepcopy(model).to(device)
         inputs = x.to(device)
-        threads = _cpu_threads(TIMING_THREADS) if device.type == "cpu" else contextlib.nullcontext()
+        threads = torch_threads(TIMING_THREADS) if device.type == "cpu" else contextlib.nullcontext()
         with threads:
             dense_network = MODELS[c.model](bayesian=False).to(device).eval() if pruning else None
             for batch in TIMING_BATCHES:
