@@ -62,12 +62,15 @@ class _MultiheadAttention(nn.Module):
             is_batched = TF._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
         except AssertionError as error:
             raise ValueError(f"{op}: {error}") from None
+        self_attention = query is key and key is value
         if is_batched and self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         elif not is_batched:
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self_attention:
+            key = value = query  # one tensor still, as _project reads it (q, k, v in one call)
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
             if t.shape[-1] != width:
                 raise ValueError(f"{op}: {name} must have {width} features in its last dimension, got shape "

@@ -136,6 +136,10 @@ class SparseMultiheadAttention(_MultiheadAttention):
         if isinstance(layer, nn.Linear):
             bias = None if layer.bias is None else layer.bias[i * width:(i + 1) * width]
             return TF.linear(x, layer.weight[i * width:(i + 1) * width], bias)
+        if torch.compiler.is_compiling():
+            # a traced graph has no data pointers to key a cache by, and building CSR blocks
+            # is data-dependent: the whole packed projection, then its block
+            return layer(x)[..., i * width:(i + 1) * width]
         key = tuple((t.data_ptr(), t._version) for t in (*layer.buffers(), *layer.parameters()))
         if self._blocks is None or self._blocks[0] != key:
             weight = layer.to_dense()

@@ -220,3 +220,67 @@ def test_bad_input_gets_the_errors_of_the_modules():
         nan[1, 2, 3] = float("nan")
         out = fast(nan)
         assert out[1].isnan().any() and not out[0].isnan().any()  # a NaN spreads within its sequence only
+
+
+EXPORTED = """
+import sys, torch, sparsevd
+program = torch.export.load(sys.argv[1])
+torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("batch_first, strict", [(True, False), (True, True), (False, False)])
+def test_the_sparsified_encoder_exports_and_runs_in_a_fresh_process(tmp_path, batch_first, strict):
+    import subprocess
+    import sys
+
+    model = _encoder(batch_first=batch_first)
+    fast = sparsevd.sparsify(model, cost_model=ALWAYS_CSR)
+    x = _input(batch_first)
+    dim = 0 if batch_first else 1
+    program = torch.export.export(fast, (x,), strict=strict, dynamic_shapes=({dim: torch.export.Dim("batch", min=2)},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    other = torch.cat([x, x.narrow(dim, 0, 1)], dim)  # another batch size
+    torch.save(other, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", EXPORTED, str(tmp_path / "model.pt2"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    with torch.no_grad():
+        _close(torch.load(tmp_path / "out.pt"), model(other))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_projects_q_k_v_in_one_call_in_either_layout(batch_first):
+    attention = sparsevd.SparseMultiheadAttention.from_sparsevd(
+        sparsevd.convert(nn.MultiheadAttention(D, HEADS, batch_first=batch_first), log_sigma2_init=-40.0).eval())
+    calls = []
+    attention.in_proj.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = _input(batch_first)
+    with torch.no_grad():
+        attention(x, x, x, need_weights=False)
+        assert calls == [1]
+        attention(x, x.clone(), x.clone(), need_weights=False)  # other tensors: the row blocks
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("form", COST_MODELS)
+def test_cross_attention_through_the_packed_projection_exports(form):
+    source = sparsevd.convert(nn.MultiheadAttention(D, HEADS, batch_first=True), log_sigma2_init=-40.0).eval()
+    with torch.no_grad():
+        for _, m in sparsevd.sparsevd_modules(source):
+            m.log_sigma2.masked_fill_(torch.rand(m.weight.shape) < 0.7, 10.0)
+    attention = sparsevd.sparsify(nn.ModuleList([source]), cost_model=COST_MODELS[form])[0]
+
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, q, kv):
+            return self.attention(q, kv, kv, need_weights=False)[0]
+
+    q, kv = _input(), _input(length=4, seed=3)
+    with torch.no_grad():
+        expected = source(q, kv, kv, need_weights=False)[0]
+    for strict in (False, True):
+        program = torch.export.export(Cross(), (q, kv), strict=strict)
+        _close(program.module()(q, kv), expected)
