@@ -108,3 +108,11 @@ def test_bad_input_gets_a_clear_error():
     out = patch(nan)
     assert out[1, :, 0, 0].isnan().all() and not out[0].isnan().any() and not out[1, :, 1:].isnan().any()
     assert not TF.conv2d(torch.randn(1, 3, 9, 10), _conv().weight).isnan().any()
+
+
+def test_a_dense_only_cost_model_keeps_the_convolution():
+    """CostModel.dense() gives the plain copy: every layer in its own type."""
+    model = sparsevd.convert(PatchModel(), log_sigma2_init=-40.0)
+    for shrink in (True, False):
+        plain = sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense(), shrink=shrink, input_shape=(1, 20, 23))
+        assert type(dict(plain.named_modules())["proj"]) is nn.Conv2d

@@ -39,14 +39,17 @@ class CostModel:
 
     cpu: DeviceCost = CPU_COST
     cuda: DeviceCost = CUDA_COST
+    #: Every layer kept in its own dense type (no CSR form, and no patch convolution run as
+    #: a linear layer over patches): see :meth:`dense`.
+    dense_only: bool = False
 
     @classmethod
     def dense(cls):
-        """A cost model under which every layer stays dense: ``sparsify`` then gives the
-        plain inference copy (θ ⊙ mask in ordinary dense layers, dead units cut) that the
-        sparse forms have to beat."""
+        """A cost model under which every layer stays dense, in its own type: ``sparsify``
+        then gives the plain inference copy (θ ⊙ mask in ordinary dense layers, dead units
+        cut) that the sparse forms have to beat."""
         return cls(cpu=dataclasses.replace(CPU_COST, csr_overhead_s=math.inf),
-                   cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=math.inf))
+                   cuda=dataclasses.replace(CUDA_COST, csr_overhead_s=math.inf), dense_only=True)
 
     def time(self, form, out_features, in_features, nnz, batch, device_type, element_size=4):
         c = self.cuda if device_type == "cuda" else self.cpu

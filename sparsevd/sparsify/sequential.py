@@ -315,9 +315,10 @@ def conv_form(conv, nnz, batch_size, positions, cost_model, device_type):
     :class:`PatchConv2d` on the CPU, CSR or dense as the cost model prices the linear layer
     it is (dense when its positions are unknown): a reshape and one GEMM beat the
     convolution's call at every batch measured there; on CUDA it was not measured, so it
-    stays a convolution."""
+    stays a convolution, and so it does under ``CostModel.dense()`` (layers of their own
+    types)."""
     size = conv.weight.element_size()
-    if device_type == "cpu" and is_patch_conv(conv):
+    if device_type == "cpu" and is_patch_conv(conv) and not cost_model.dense_only:
         patch = conv.weight[0].numel()
         sparse = positions is not None and cost_model.choose(conv.out_channels, patch, nnz, batch_size * positions,
                                                              device_type, size) == "csr"
