@@ -17,6 +17,8 @@ Cases, each at batch ``B``:
 ``python bench_vit.py [--interleaved [wall]]`` measures every case round-robin in this
 thread's CPU time (or wall time): the figures to trust on a machine shared with other
 processes (see :func:`harness.interleaved`), printed as a table of µs and speed-ups.
+``python bench_vit.py --split``: where the time of the sparsified model (95 % pruned) and of
+one of its encoder layers goes, beside the dense model's (:func:`split`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,57 @@ def interleaved(clock=time.thread_time, rounds=30):
         return harness.interleaved(fns, rounds, clock=clock)
 
 
+def split(percent=95, rounds=20):
+    """Markdown: thread CPU µs of the model, its parts and one encoder layer's steps as the
+    fused layer runs them, beside the dense model's, at batch 1 and 64 (``percent`` %
+    pruned at random). The steps read the layer's fused plan: what this file measures is
+    where a sparsified layer's time goes, not an API."""
+    from torch.nn import functional as TF
+
+    from sparsevd.sparse_transformer import _norm
+
+    torch.set_num_threads(harness.THREADS)
+    fns = {}
+    for batch in BATCHES:
+        cases, x = _models(batch), _input(batch)
+        dense, fast = cases["dense"], cases[f"sparsified-{percent}"]
+        h = fast[0](x)
+        layer = fast[1].layers[0]
+        with torch.no_grad():
+            layer(h)
+        plan = layer._fused_plan
+        normed = _norm(layer.norm1, h)
+        qkv = plan.chains[0](normed)
+        q, k, v = qkv.unflatten(-1, (3, plan.heads, plan.head_dim)).permute(2, 0, 3, 1, 4)
+        o = TF.scaled_dot_product_attention(q, k, v)
+        merged = o.transpose(1, 2).flatten(-2)
+        parts = {
+            "model": lambda f=fast, x=x: f(x), "dense model": lambda d=dense, x=x: d(x),
+            "embedding": lambda f=fast, x=x: f[0](x), "dense embedding": lambda d=dense, x=x: d[0](x),
+            "encoder (3 layers)": lambda f=fast, h=h: f[1](h), "dense encoder": lambda d=dense, h=h: d[1](h),
+            "one layer": lambda layer=layer, h=h: layer(h), "dense layer": lambda d=dense, h=h: d[1].layers[0](h),
+            "layer norm": lambda layer=layer, h=h: _norm(layer.norm1, h),
+            "qkv projection": lambda p=plan, n=normed: p.chains[0](n),
+            "split heads": lambda p=plan, t=qkv: t.unflatten(-1, (3, p.heads, p.head_dim)).permute(2, 0, 3, 1, 4),
+            "SDPA": lambda q=q, k=k, v=v: TF.scaled_dot_product_attention(q, k, v),
+            "merge heads": lambda o=o: o.transpose(1, 2).flatten(-2),
+            "out projection": lambda p=plan, m=merged: p.chains[1](m),
+            "MLP chain": lambda p=plan, n=normed: p.chains[2](n), "residual add": lambda h=h: h + h,
+            "tail (norm, mean, head)": lambda f=fast, h=h: f[4](f[3](f[2](h))),
+        }
+        for name, fn in parts.items():
+            fns[batch, name] = fn
+    with torch.no_grad():
+        best = harness.interleaved(fns, rounds)
+    lines = ["| part | " + " | ".join(f"batch {b} µs" for b in BATCHES) + " |", "|---" * (len(BATCHES) + 1) + "|"]
+    for name in parts:
+        lines.append(f"| {name} | " + " | ".join(f"{best[b, name] * 1e6:.1f}" for b in BATCHES) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    wall = sys.argv[1:] == ["--interleaved", "wall"]
-    print(table(interleaved(clock=time.perf_counter if wall else time.thread_time)))
+    if sys.argv[1:] == ["--split"]:
+        print(split())
+    else:
+        wall = sys.argv[1:] == ["--interleaved", "wall"]
+        print(table(interleaved(clock=time.perf_counter if wall else time.thread_time)))
