@@ -4,11 +4,11 @@ an encoder layer whose attention it sparsified.
 A sparsified encoder layer computes little (a ViT's at batch 1: a few thousand kept
 weights), so its time goes to calling it: the attention module's argument and mask
 handling, a module call per dropout and projection, the activation as an op of its own.
-In eval mode, with no mask, this layer runs the same arithmetic with none of that: the
+In eval mode, with no mask (or a causal one), this layer runs the same arithmetic with none of that: the
 packed q/k/v projection, the output projection and the MLP (``linear1``, the activation,
 ``linear2``) each as one ``sparsevd::linear_chain`` op (the activation fused), around the
 two LayerNorms and ``F.scaled_dot_product_attention``. Anything else (training mode,
-autograd, masks, a hook, a parametrization, a submodule replaced or of another type, a
+autograd, a padding mask or a mask that is not flagged causal, a hook, a parametrization, a submodule replaced or of another type, a
 ``forward`` of its own) runs the layer's submodules one by one, exactly as
 :class:`~sparsevd.SparseVDTransformerEncoderLayer` does; what can change between calls is
 read on every call.
@@ -98,15 +98,16 @@ class _Plan:
                 and any(self.hooks) == self.hooked and all(map(operator.is_, map(type, self.modules), self.types))
                 and self._own_forwards() == self.own_forwards and not (self.chains is not None and self.stale))
 
-    def attention(self, h):
-        """Self-attention of ``h`` ([N, L, E] batch first, [L, N, E], or unbatched [L, E])."""
+    def attention(self, h, causal=False):
+        """Self-attention of ``h`` ([N, L, E] batch first, [L, N, E], or unbatched [L, E]),
+        each position attending to those up to it alone if ``causal``."""
         qkv = self.chains[0](h)
         if h.dim() == 2:
             qkv = qkv.unsqueeze(0)
         elif not self.batch_first:
             qkv = qkv.transpose(0, 1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        o = TF.scaled_dot_product_attention(q, k, v).transpose(1, 2)  # [N, L, heads, head_dim]
+        o = TF.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)  # [N, L, heads, head_dim]
         if h.dim() == 2:
             o = o[0]
         elif not self.batch_first:
@@ -121,18 +122,23 @@ def _norm(norm, x):
 class SparseTransformerEncoderLayer(SparseVDTransformerEncoderLayer):
     """An encoder layer holding a :class:`~sparsevd.SparseMultiheadAttention` and pruned
     ``linear1``/``linear2`` (CSR :class:`~sparsevd.SparseLinear` or dense ``nn.Linear``),
-    whose eval-mode call without masks runs as three fused ops around the LayerNorms and
-    the attention (see the module). :func:`sparsevd.sparsify` puts it in place of every
+    whose eval-mode call without masks (or with a causal one) runs as three fused ops around
+    the LayerNorms and the attention (see the module). :func:`sparsevd.sparsify` puts it in place of every
     encoder layer whose attention it sparsified: the same object, submodules and state
     dict, with this class."""
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        if src_mask is None and src_key_padding_mask is None and not is_causal and self._may_fuse(src):
+        # A mask with is_causal=True (a causal mask, as nn.TransformerEncoder detects it) and
+        # no padding mask is the causal attention, as the attention module itself computes
+        # it: the hint stands for the mask (F.scaled_dot_product_attention's is_causal).
+        causal = src_mask is not None and is_causal is True
+        if src_key_padding_mask is None and (causal or (src_mask is None and not is_causal)) \
+                and self._may_fuse(src):
             plan = self.__dict__.get("_fused_plan")
             if plan is None or not plan.holds_for(self):
                 plan = self._fused_plan = _Plan(self)
             if plan.chains is not None and not any(m.training for m in plan.modules):
-                return self._fused(plan, src)
+                return self._fused(plan, src, causal)
         return super().forward(src, src_mask, src_key_padding_mask, is_causal)
 
     def _may_fuse(self, src):
@@ -144,12 +150,12 @@ class SparseTransformerEncoderLayer(SparseVDTransformerEncoderLayer):
             return False
         return not (torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in self.parameters())))
 
-    def _fused(self, plan, x):
+    def _fused(self, plan, x, causal=False):
         attention, mlp = plan.attention, plan.chains[2]
         if self.norm_first:
-            x = x + attention(_norm(self.norm1, x))
+            x = x + attention(_norm(self.norm1, x), causal)
             return x + mlp(_norm(self.norm2, x))
-        x = _norm(self.norm1, x + attention(x))
+        x = _norm(self.norm1, x + attention(x, causal))
         return _norm(self.norm2, x + mlp(x))
 
     def __getstate__(self):

@@ -55,7 +55,7 @@ def _fused_calls(model):
     for layer in model.modules():
         if isinstance(layer, sparsevd.SparseTransformerEncoderLayer):
             fused = layer._fused
-            layer._fused = lambda plan, x, fused=fused: calls.append(1) or fused(plan, x)
+            layer._fused = lambda plan, x, causal=False, fused=fused: calls.append(1) or fused(plan, x, causal)
     return calls
 
 
@@ -103,10 +103,36 @@ def test_masks_run_the_layer_modules_and_match_the_eval_output():
     padding = torch.zeros(3, 7, dtype=torch.bool)
     padding[0, -2:] = True
     causal = nn.Transformer.generate_square_subsequent_mask(7)
+    other = torch.randn(7, 7, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
-        for kwargs in ({"src_key_padding_mask": padding}, {"mask": causal}, {"mask": causal, "is_causal": True}):
+        for kwargs in ({"src_key_padding_mask": padding}, {"mask": other},
+                       {"mask": torch.ones(7, 7, dtype=torch.bool).triu(1), "is_causal": True,
+                        "src_key_padding_mask": padding}):
             _close(fast[1](fast[0](x, **kwargs)), model[1](model[0](x, **kwargs)))
     assert calls == []
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_a_causal_mask_is_fused_as_causal_attention(batch_first, norm_first):
+    """A causal mask (detected by the encoder, or flagged by is_causal) runs fused, as the
+    attention module computes it; a causal mask given to one layer without the flag does not."""
+    model, x = _encoder(norm_first, batch_first), _input(batch_first)
+    fast = sparsevd.sparsify(model)
+    calls = _fused_calls(fast)
+    causal = nn.Transformer.generate_square_subsequent_mask(7)
+    with torch.no_grad():
+        _close(fast[1](fast[0](x, mask=causal)), model[1](model[0](x, mask=causal)))
+        assert len(calls) == 2
+        _close(fast[1](fast[0](x, mask=causal, is_causal=True)), model[1](model[0](x, mask=causal, is_causal=True)))
+        assert len(calls) == 4
+        layer, converted = fast[0].layers[0], model[0].layers[0]
+        _close(layer(x, src_mask=causal), converted(x, src_mask=causal))
+        assert len(calls) == 4
+        unmasked = layer(x)
+        assert not torch.allclose(layer(x, src_mask=causal, is_causal=True), unmasked)
+        with pytest.raises(ValueError, match="is_causal=True"):
+            layer(x, is_causal=True)  # the hint without its mask, refused as the attention refuses it
 
 
 def test_autograd_and_training_run_the_layer_modules():
