@@ -4,12 +4,13 @@ an encoder layer whose attention it sparsified.
 A sparsified encoder layer computes little (a ViT's at batch 1: a few thousand kept
 weights), so its time goes to calling it: the attention module's argument and mask
 handling, a module call per dropout and projection, the activation as an op of its own.
-In eval mode, with no mask (or a causal one), this layer runs the same arithmetic with none of that: the
-packed q/k/v projection, the output projection and the MLP (``linear1``, the activation,
-``linear2``) each as one ``sparsevd::linear_chain`` op (the activation fused), around the
-two LayerNorms and ``F.scaled_dot_product_attention``. Anything else (training mode,
-autograd, a padding mask or a mask that is not flagged causal, a hook, a parametrization, a submodule replaced or of another type, a
-``forward`` of its own) runs the layer's submodules one by one, exactly as
+In eval mode, with no mask (or a causal one), this layer runs the same arithmetic with
+none of that: the packed q/k/v projection, the output projection and the MLP
+(``linear1``, the activation, ``linear2``) each as one ``sparsevd::linear_chain`` op (the
+activation fused), around the two LayerNorms and ``F.scaled_dot_product_attention``.
+Anything else (training mode, autograd, a padding mask or a mask not flagged causal, a
+hook, a parametrization, a submodule replaced or of another type, a ``forward`` of its
+own) runs the layer's submodules one by one, exactly as
 :class:`~sparsevd.SparseVDTransformerEncoderLayer` does; what can change between calls is
 read on every call.
 """
