@@ -226,8 +226,18 @@ def _sample_backward(ctx, grad, _grad_std):
 torch.library.register_autograd("sparsevd::lrt_sample", _sample_backward, setup_context=_sample_setup)
 
 
+def _on_one_device(op, x, *tensors):
+    """The fakes also run for real meta tensors: an input on the meta device beside a layer
+    on the CPU must be refused as the device kernels refuse it, not given a meta result."""
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"sparsevd::{op}: expected every tensor on the input's device {x.device}, got one on "
+                               f"{t.device}")
+
+
 @torch.library.register_fake("sparsevd::csr_linear")
 def _(x, crow_indices, col_indices, values, bias, row_order=None):
+    _on_one_device("csr_linear", x, crow_indices, col_indices, values, bias, row_order)
     return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
 
 
@@ -259,6 +269,7 @@ torch.library.register_autograd("sparsevd::csr_linear", _csr_backward, setup_con
 
 @torch.library.register_fake("sparsevd::linear_chain")
 def _(x, weights, crow_indices, col_indices, biases, activations, activation_params):
+    _on_one_device("linear_chain", x, *weights, *crow_indices, *col_indices, *biases)
     last = weights[-1].shape[0] if crow_indices[-1] is None else crow_indices[-1].shape[0] - 1
     return x.new_empty((x.shape[0], last))
 

@@ -5,9 +5,7 @@ dilation or groups: a vision transformer's patch embedding).
 Such a convolution is a linear layer applied to each patch, and its patches are a reshape
 of the input, not the im2col copy of an overlapping convolution. Run that way it skips
 the convolution's per-call setup (oneDNN's, on the CPU), which at a few patches per image
-is most of its time: a 7×7-patch embedding of a 28×28 image (1 → 64 channels) takes
-13 µs instead of 41 µs at batch 1 and a third of the time at batch 256 on one thread of
-the CI machine's CPU.
+is most of its time (``bench/bench_vit.py --split`` times a ViT's patch embedding both ways).
 """
 
 from __future__ import annotations

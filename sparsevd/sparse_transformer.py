@@ -25,17 +25,14 @@ from torch import nn
 from torch.nn import functional as TF
 
 from .attention import SparseVDTransformerEncoderLayer
-from .inference import _ACTIVATIONS, _Chain
+from .inference import _ABSENT, _ACTIVATIONS, _LINEAR, _Chain
 from .plain import runs_as
-from .sparse import SparseLinear
 from .sparse_attention import SparseMultiheadAttention
 
 __all__ = ["SparseTransformerEncoderLayer"]
 
 #: The activation functions an encoder layer is built with, as the modules the chain reads.
 _FUNCTIONS = {TF.relu: nn.ReLU, TF.gelu: nn.GELU}
-_LINEAR = (nn.Linear, SparseLinear)
-_ABSENT = object()
 
 
 class _Plan:

@@ -116,3 +116,14 @@ def test_a_dense_only_cost_model_keeps_the_convolution():
     for shrink in (True, False):
         plain = sparsevd.sparsify(model, cost_model=sparsevd.CostModel.dense(), shrink=shrink, input_shape=(1, 20, 23))
         assert type(dict(plain.named_modules())["proj"]) is nn.Conv2d
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_non_contiguous_input_and_another_device(sparse):
+    conv = _conv()
+    patch = sparsevd.PatchConv2d.from_conv(conv, sparse)
+    x = torch.randn(2, 3, 10, 9).transpose(2, 3)  # [2, 3, 9, 10], not contiguous
+    with torch.no_grad():
+        torch.testing.assert_close(patch(x), conv(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="device"):
+            patch(torch.randn(2, 3, 9, 10, device="meta"))  # a layer on the CPU, an input elsewhere

@@ -310,3 +310,16 @@ def test_cross_attention_through_the_packed_projection_exports(form):
     for strict in (False, True):
         program = torch.export.export(Cross(), (q, kv), strict=strict)
         _close(program.module()(q, kv), expected)
+
+
+@pytest.mark.parametrize("form", COST_MODELS)
+def test_non_contiguous_input_and_another_device(form):
+    model = _encoder()
+    fast = sparsevd.sparsify(model, cost_model=COST_MODELS[form])
+    calls = _fused_calls(fast)
+    x = _input(batch_first=False).transpose(0, 1)  # [3, 7, D], not contiguous
+    with torch.no_grad():
+        _close(fast(x), model(x))
+        assert len(calls) == 2
+        with pytest.raises(RuntimeError, match="device"):
+            fast(torch.randn(3, 7, D, device="meta"))
