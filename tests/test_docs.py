@@ -83,6 +83,11 @@ def test_python_blocks_run_as_written(page, tmp_path, monkeypatch):
                 raise AssertionError(f"the ```python block at {page.name} line {line} failed: {error!r}") from error
 
 
+#: What a rank prints when a C++ std::thread of torch's gloo backend is destroyed while
+#: still running (std::terminate, SIGABRT). Seen twice in many runs of the 2-process scripts,
+#: on a loaded 2-core machine, with no sparsevd thread involved (the extension starts none).
+GLOO_ABORT = "terminate called without an active exception"
+
 SCRIPTS = [(page, code, runs, line) for page in PAGES for _, code, runs, line in code_blocks(page.read_text())
            if runs not in (True, False)]
 
@@ -93,8 +98,13 @@ def test_torchrun_scripts_run_as_written(page, code, processes, line, tmp_path):
     script.write_text(shortened(code))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
                str(script)]
-    result = subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def run():
+        return subprocess.run(command, check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    result = run()
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        result = run()  # torch's gloo threads abort a process now and then (see GLOO_ABORT): once more
     assert result.returncode == 0, f"the torchrun script at {page.name} line {line} failed:\n{result.stderr[-3000:]}"
 
 
